@@ -1,0 +1,85 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
+
+let package = Package(
+    name: "Cairn",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "cairn", targets: ["cairn"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+    ],
+    targets: [
+        // System libraries (Debian: libzstd-dev, zlib1g-dev).
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+
+        // Linux calls the Glibc overlay lacks (fallocate, SEEK_DATA, syncfs, mallopt).
+        .target(name: "CLinuxShims"),
+
+        // Layer 0: value types and the block-source protocols.
+        .target(
+            name: "CairnCore",
+            dependencies: ["CLinuxShims", .product(name: "SystemPackage", package: "swift-system")],
+            swiftSettings: strict
+        ),
+        // Layer 1: pure format code.
+        .target(
+            name: "DiskFormats",
+            dependencies: ["CairnCore", "CZstd", "CZlib"],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "RepositoryFormat",
+            dependencies: [
+                "CairnCore", "CZstd",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "CryptoExtras", package: "swift-crypto"),
+            ],
+            swiftSettings: strict
+        ),
+        // Layer 2.
+        .target(
+            name: "Storage",
+            dependencies: ["CairnCore", .product(name: "SystemPackage", package: "swift-system")],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "Repository",
+            dependencies: ["CairnCore", "RepositoryFormat", "Storage"],
+            swiftSettings: strict
+        ),
+        // Layer 4.
+        .target(
+            name: "Engine",
+            dependencies: ["CairnCore", "DiskFormats", "RepositoryFormat", "Storage", "Repository"],
+            swiftSettings: strict
+        ),
+        // Layer 5.
+        .executableTarget(
+            name: "cairn",
+            dependencies: [
+                "Engine", "CairnCore", "DiskFormats", "Repository", "RepositoryFormat", "Storage",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict
+        ),
+
+        // Test support: fixtures built with real tools, process helpers.
+        .target(name: "CairnTestSupport", dependencies: ["CairnCore"], swiftSettings: strict),
+
+        .testTarget(name: "CairnCoreTests", dependencies: ["CairnCore", "CairnTestSupport"]),
+        .testTarget(name: "DiskFormatsTests", dependencies: ["DiskFormats", "CairnCore", "CairnTestSupport"]),
+        .testTarget(name: "RepositoryFormatTests", dependencies: ["RepositoryFormat", "CairnCore"]),
+        .testTarget(name: "StorageTests", dependencies: ["Storage", "CairnCore", "CairnTestSupport"]),
+        .testTarget(name: "RepositoryTests", dependencies: ["Repository", "RepositoryFormat", "Storage", "CairnCore", "CairnTestSupport"]),
+        .testTarget(name: "EngineTests", dependencies: ["Engine", "DiskFormats", "Repository", "RepositoryFormat", "Storage", "CairnCore", "CairnTestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["CairnCore", "CairnTestSupport"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

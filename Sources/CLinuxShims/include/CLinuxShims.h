@@ -1,0 +1,10 @@
+#pragma once
+#include <stdint.h>
+#include <sys/types.h>
+
+/* Linux calls that Glibc's Swift overlay does not expose (they need _GNU_SOURCE). */
+int cairn_punch_hole(int fd, int64_t offset, int64_t length);
+int cairn_seek_data_whence(void);
+int cairn_seek_hole_whence(void);
+int cairn_syncfs(int fd);
+void cairn_malloc_tune(void);

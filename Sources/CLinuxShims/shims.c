@@ -1,0 +1,20 @@
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <unistd.h>
+#include <malloc.h>
+#include "CLinuxShims.h"
+
+int cairn_punch_hole(int fd, int64_t offset, int64_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+}
+int cairn_seek_data_whence(void) { return SEEK_DATA; }
+int cairn_seek_hole_whence(void) { return SEEK_HOLE; }
+int cairn_syncfs(int fd) { return syncfs(fd); }
+
+/* Keep freed chunk-sized buffers in the heap instead of returning them to the kernel after
+ * every call: without this, AES-GCM and zstd on multi-MiB buffers page-fault fresh memory
+ * on each chunk (measured 10x slower, see PERFORMANCE.md). */
+void cairn_malloc_tune(void) {
+    mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024);
+    mallopt(M_MMAP_THRESHOLD, 64 * 1024 * 1024);
+}
