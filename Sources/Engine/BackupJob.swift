@@ -1,0 +1,200 @@
+import CairnCore
+import Foundation
+import RepositoryFormat
+import Repository
+import Storage
+import Synchronization
+
+/// One disk to back up: a name inside the snapshot and the source to read.
+package struct BackupDisk: Sendable {
+    package var name: String
+    package var source: any BlockSource
+    package var format: String
+    package var path: String
+
+    package init(name: String, source: any BlockSource, format: String, path: String) {
+        self.name = name; self.source = source; self.format = format; self.path = path
+    }
+}
+
+/// What the pipeline reads for one disk.
+///
+/// Built from the source's allocation map and, when the source tracks changes, the ranges
+/// changed since the base snapshot: chunks with no data are zero entries (never read, never
+/// hashed), chunks outside every changed range reuse the base index's entry, all others are
+/// read. The pipeline does not care where these ranges came from.
+package struct ReadPlan: Sendable {
+    package var chunkCount: Int
+    /// Chunk positions to read, ascending.
+    package var toRead: [Int]
+    /// Entries known without reading (zero chunks, reused base entries).
+    package var known: [Int: CairnCore.Digest]
+
+    package static func make(source: any BlockSource, chunkSize: Int, changed: [Range<UInt64>]? = nil, base: DiskIndex? = nil) throws -> ReadPlan {
+        let size = source.size
+        let n = DiskIndex.entryCount(virtualSize: size, chunkSize: chunkSize)
+        let cs = UInt64(chunkSize)
+        var hasData = [Bool](repeating: false, count: n)
+        for e in try source.allExtents() where e.kind.needsRead && e.length > 0 {
+            let first = Int(e.offset / cs)
+            let last = Int((e.end - 1) / cs)
+            for i in first...min(last, n - 1) { hasData[i] = true }
+        }
+        var isChanged: [Bool]?
+        if let changed, let base, base.chunkSize == chunkSize, base.virtualSize == size {
+            var c = [Bool](repeating: false, count: n)
+            for r in changed where !r.isEmpty {
+                let first = Int(r.lowerBound / cs)
+                let last = Int((r.upperBound - 1) / cs)
+                for i in first...min(last, n - 1) { c[i] = true }
+            }
+            isChanged = c
+        }
+        var toRead: [Int] = []
+        var known: [Int: CairnCore.Digest] = [:]
+        for i in 0..<n {
+            if !hasData[i] { known[i] = .zero; continue }
+            if let isChanged, !isChanged[i], let base { known[i] = base.entries[i]; continue }
+            toRead.append(i)
+        }
+        return ReadPlan(chunkCount: n, toRead: toRead, known: known)
+    }
+}
+
+/// The backup job: reads disks through the pipeline into one new snapshot.
+///
+/// Per chunk: read into a worker-owned buffer -> all-zero check -> id (SHA-256 / HMAC) ->
+/// already stored? -> zstd -> AES-256-GCM -> atomic put. Workers are threads (2 per core by
+/// default) with their own buffers, so peak memory is workers x a few chunk sizes whatever the
+/// disk size. After every chunk is durable: indexes, then the manifest.
+package final class BackupJob: @unchecked Sendable {
+    package let repository: Repository
+    package let vm: String
+    package let tags: [String]
+    package let disks: [BackupDisk]
+    package let progress: any ProgressReporter
+    package let cancel: CancellationToken
+    package let workers: Int
+    package let toolVersion: String
+
+    package init(repository: Repository, vm: String, tags: [String], disks: [BackupDisk], progress: any ProgressReporter = SilentProgress(),
+                 cancel: CancellationToken = CancellationToken(), workers: Int = defaultWorkerCount(), toolVersion: String) {
+        self.repository = repository; self.vm = vm; self.tags = tags; self.disks = disks
+        self.progress = progress; self.cancel = cancel; self.workers = workers; self.toolVersion = toolVersion
+    }
+
+    package func run() throws -> SnapshotEntry {
+        let started = Date()
+        let lock = try repository.lock(exclusive: false, job: "backup \(vm)")
+        defer { lock.release() }
+
+        let known = ChunkSet(try repository.listChunkIDs())
+        let total = disks.reduce(UInt64(0)) { $0 + $1.source.size }
+        let counters = Counters()
+        let ticker = ProgressTicker { [progress, counters] in
+            progress.report(ProgressSnapshot(phase: "backup", doneBytes: counters.done.load(ordering: .relaxed), totalBytes: total,
+                                             readBytes: counters.read.load(ordering: .relaxed), newBytes: counters.new.load(ordering: .relaxed),
+                                             elapsedSeconds: Date().timeIntervalSince(started)))
+        }
+        var manifestDisks: [Manifest.Disk] = []
+        var indexes: [DiskIndex] = []
+        do {
+            defer { ticker.stop() }
+            for disk in disks {
+                let before = (counters.read.load(ordering: .relaxed), counters.new.load(ordering: .relaxed),
+                              counters.dedup.load(ordering: .relaxed), counters.zero.load(ordering: .relaxed),
+                              counters.stored.load(ordering: .relaxed))
+                let index = try backupDisk(disk, known: known, counters: counters)
+                indexes.append(index)
+                manifestDisks.append(Manifest.Disk(
+                    name: disk.name, virtualSize: disk.source.size, sourceFormat: disk.format, sourcePath: disk.path, index: "",
+                    chunks: index.entries.count,
+                    bytesRead: counters.read.load(ordering: .relaxed) - before.0,
+                    bytesNew: counters.new.load(ordering: .relaxed) - before.1,
+                    bytesDeduplicated: counters.dedup.load(ordering: .relaxed) - before.2,
+                    bytesZero: counters.zero.load(ordering: .relaxed) - before.3,
+                    bytesStored: counters.stored.load(ordering: .relaxed) - before.4))
+            }
+        }
+        try cancel.check()
+        // Chunks are durable (fdatasync per put); make their names durable before any index
+        // refers to them.
+        try repository.store.barrier()
+        let codec = repository.makeCodec()
+        for (i, index) in indexes.enumerated() {
+            manifestDisks[i].index = try repository.writeIndex(index, codec: codec).hex
+        }
+        try repository.store.barrier()
+        try cancel.check()
+        let manifest = Manifest(vm: vm, time: timestamp(started), host: hostName(), tags: tags, toolVersion: toolVersion,
+                                chunkSize: repository.chunkSize, disks: manifestDisks)
+        let id = try repository.writeManifest(manifest, codec: codec)
+        progress.finish(ProgressSnapshot(phase: "backup", doneBytes: total, totalBytes: total,
+                                         readBytes: counters.read.load(ordering: .relaxed), newBytes: counters.new.load(ordering: .relaxed),
+                                         elapsedSeconds: Date().timeIntervalSince(started)))
+        return SnapshotEntry(id: id, manifest: manifest)
+    }
+
+    private func backupDisk(_ disk: BackupDisk, known: ChunkSet, counters: Counters) throws -> DiskIndex {
+        let chunkSize = repository.chunkSize
+        let source = disk.source
+        let plan = try ReadPlan.make(source: source, chunkSize: chunkSize)
+        let slots = SharedSlots<CairnCore.Digest>(count: plan.chunkCount, initial: .zero)
+        let template = DiskIndex(virtualSize: source.size, chunkSize: chunkSize, entries: [])
+        for (i, d) in plan.known {
+            slots[i] = d
+            let len = UInt64(template.length(ofChunk: i))
+            counters.done.add(len, ordering: .relaxed)
+            if d.isZero { counters.zero.add(len, ordering: .relaxed) }
+        }
+        let next = Atomic<Int>(0)
+        let repository = self.repository
+        let cancel = self.cancel
+        let toRead = plan.toRead
+        try runWorkers(count: min(workers, max(1, toRead.count)), stop: cancel) { _ in
+            let codec = repository.makeCodec()
+            let buffer = allocateBuffer(chunkSize)
+            defer { buffer.deallocate() }
+            while true {
+                try cancel.check()
+                let k = next.add(1, ordering: .relaxed).oldValue
+                if k >= toRead.count { break }
+                let i = toRead[k]
+                let offset = UInt64(i) * UInt64(chunkSize)
+                let len = template.length(ofChunk: i)
+                let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<len])
+                do {
+                    try source.read(into: chunk, at: offset)
+                } catch var e as CairnError {
+                    if e.path == nil { e.path = disk.path }
+                    e.message = "reading disk \(disk.name): " + e.message
+                    throw e
+                }
+                counters.read.add(UInt64(len), ordering: .relaxed)
+                defer { counters.done.add(UInt64(len), ordering: .relaxed) }
+                if isAllZero(UnsafeRawBufferPointer(chunk)) {
+                    slots[i] = .zero
+                    counters.zero.add(UInt64(len), ordering: .relaxed)
+                    continue
+                }
+                let id = codec.id(of: UnsafeRawBufferPointer(chunk))
+                slots[i] = id
+                let isNew = known.claim(id)
+                if !isNew {
+                    counters.dedup.add(UInt64(len), ordering: .relaxed)
+                    continue
+                }
+                do {
+                    let sealed = try codec.seal(kind: .chunk, id: id, plaintext: UnsafeRawBufferPointer(chunk))
+                    try repository.putChunk(id, sealed: sealed)
+                    counters.stored.add(UInt64(sealed.count), ordering: .relaxed)
+                } catch {
+                    known.forget(id)
+                    throw error
+                }
+                counters.new.add(UInt64(len), ordering: .relaxed)
+            }
+        }
+        return DiskIndex(virtualSize: source.size, chunkSize: chunkSize, entries: slots.array)
+    }
+}

@@ -1,0 +1,179 @@
+import CairnCore
+import Foundation
+import RepositoryFormat
+import Repository
+import Storage
+import Synchronization
+
+/// One problem found by `check`, with the snapshots and disks it affects.
+package struct CheckProblem: Sendable, Codable {
+    package var kind: String
+    package var object: String
+    package var message: String
+    package var affected: [String]
+}
+
+package struct CheckReport: Sendable, Codable {
+    package var snapshots: Int
+    package var indexes: Int
+    package var referencedChunks: Int
+    package var storedChunks: Int
+    package var unreferencedChunks: Int
+    package var chunksRead: Int
+    package var bytesRead: UInt64
+    package var problems: [CheckProblem]
+    package var ok: Bool { problems.isEmpty }
+}
+
+/// Verifies the repository's structure, and with `readData` every referenced chunk's bytes.
+package final class CheckJob: @unchecked Sendable {
+    package let repository: Repository
+    package let readData: Bool
+    package let progress: any ProgressReporter
+    package let cancel: CancellationToken
+    package let workers: Int
+
+    package init(repository: Repository, readData: Bool, progress: any ProgressReporter = SilentProgress(),
+                 cancel: CancellationToken = CancellationToken(), workers: Int = defaultWorkerCount()) {
+        self.repository = repository; self.readData = readData; self.progress = progress; self.cancel = cancel; self.workers = workers
+    }
+
+    package func run() throws -> CheckReport {
+        let started = Date()
+        let lock = try repository.lock(exclusive: false, job: "check")
+        defer { lock.release() }
+        let codec = repository.makeCodec()
+        var problems: [CheckProblem] = []
+        let (snapshots, failures) = try repository.listSnapshots(codec: codec)
+        for (name, e) in failures {
+            problems.append(CheckProblem(kind: "snapshot", object: name, message: e.description, affected: ["snapshot \(name)"]))
+        }
+        // Which snapshot/disk uses which chunk, and each chunk's length.
+        var users: [CairnCore.Digest: [String]] = [:]
+        var lengths: [CairnCore.Digest: Int] = [:]
+        var indexes = 0
+        for s in snapshots {
+            for d in s.manifest.disks {
+                let who = "snapshot \(s.id.short) (\(s.manifest.vm), \(s.manifest.time)) disk \(d.name)"
+                guard let indexID = CairnCore.Digest(hex: d.index) else {
+                    problems.append(CheckProblem(kind: "index", object: d.index, message: "invalid index id", affected: [who]))
+                    continue
+                }
+                do {
+                    let index = try repository.loadIndex(indexID, codec: codec)
+                    indexes += 1
+                    for (i, id) in index.entries.enumerated() where !id.isZero {
+                        if users[id, default: []].last != who { users[id, default: []].append(who) }
+                        lengths[id] = index.length(ofChunk: i)
+                    }
+                } catch let e as CairnError {
+                    problems.append(CheckProblem(kind: "index", object: indexID.hex, message: e.description, affected: [who]))
+                }
+            }
+        }
+        let stored = try repository.listChunkIDs()
+        let referenced = Set(users.keys)
+        for id in referenced.subtracting(stored).sorted() {
+            problems.append(CheckProblem(kind: "chunk", object: id.hex, message: "chunk \(id.hex) is missing", affected: users[id] ?? []))
+        }
+        var chunksRead = 0
+        var bytesRead: UInt64 = 0
+        if readData {
+            let toRead = referenced.intersection(stored).sorted()
+            let next = Atomic<Int>(0)
+            let bad = Mutex<[(CairnCore.Digest, String)]>([])
+            let doneBytes = Atomic<UInt64>(0)
+            let total = toRead.reduce(UInt64(0)) { $0 + UInt64(lengths[$1] ?? 0) }
+            let ticker = ProgressTicker { [progress] in
+                progress.report(ProgressSnapshot(phase: "check", doneBytes: doneBytes.load(ordering: .relaxed), totalBytes: total,
+                                                 elapsedSeconds: Date().timeIntervalSince(started)))
+            }
+            defer { ticker.stop() }
+            let repository = self.repository, cancel = self.cancel, chunkSize = repository.chunkSize
+            try runWorkers(count: min(workers, max(1, toRead.count)), stop: cancel) { _ in
+                let codec = repository.makeCodec()
+                let buffer = allocateBuffer(chunkSize)
+                var scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize + 4096, alignment: 64)
+                defer { buffer.deallocate(); scratch.deallocate() }
+                while true {
+                    try cancel.check()
+                    let k = next.add(1, ordering: .relaxed).oldValue
+                    if k >= toRead.count { break }
+                    let id = toRead[k]
+                    do {
+                        let n = try repository.loadChunk(id, codec: codec, scratch: &scratch, into: buffer)
+                        doneBytes.add(UInt64(n), ordering: .relaxed)
+                    } catch let e as CairnError {
+                        bad.withLock { $0.append((id, e.description)) }
+                    }
+                }
+            }
+            for (id, message) in bad.withLock({ $0 }).sorted(by: { $0.0 < $1.0 }) {
+                problems.append(CheckProblem(kind: "chunk", object: id.hex, message: message, affected: users[id] ?? []))
+            }
+            chunksRead = toRead.count
+            bytesRead = doneBytes.load(ordering: .relaxed)
+        }
+        return CheckReport(snapshots: snapshots.count, indexes: indexes, referencedChunks: referenced.count, storedChunks: stored.count,
+                           unreferencedChunks: stored.subtracting(referenced).count, chunksRead: chunksRead, bytesRead: bytesRead,
+                           problems: problems)
+    }
+}
+
+/// Repository statistics: logical vs stored bytes, dedup and compression ratios.
+package struct RepositoryStats: Sendable, Codable {
+    package var snapshots: Int
+    package var disks: Int
+    /// Sum of the virtual sizes of every disk of every snapshot.
+    package var logicalBytes: UInt64
+    /// Bytes of non-zero chunks referenced, counted once per reference.
+    package var referencedDataBytes: UInt64
+    /// Bytes of distinct chunks (before compression).
+    package var uniqueDataBytes: UInt64
+    package var chunks: Int
+    /// Bytes of every file in the repository.
+    package var storedBytes: UInt64
+    package var storedChunkBytes: UInt64
+    package var deduplicationRatio: Double
+    package var compressionRatio: Double
+    /// logicalBytes / storedBytes.
+    package var totalRatio: Double
+
+    package static func compute(repository: Repository) throws -> RepositoryStats {
+        let codec = repository.makeCodec()
+        let snapshots = try repository.listSnapshots(codec: codec).snapshots
+        var logical: UInt64 = 0, referenced: UInt64 = 0, disks = 0
+        var lengths: [CairnCore.Digest: Int] = [:]
+        for s in snapshots {
+            for d in s.manifest.disks {
+                disks += 1
+                logical += d.virtualSize
+                guard let id = CairnCore.Digest(hex: d.index) else { continue }
+                let index = try repository.loadIndex(id, codec: codec)
+                for (i, e) in index.entries.enumerated() where !e.isZero {
+                    let n = index.length(ofChunk: i)
+                    referenced += UInt64(n)
+                    lengths[e] = n
+                }
+            }
+        }
+        let unique = lengths.values.reduce(UInt64(0)) { $0 + UInt64($1) }
+        var storedChunks: UInt64 = 0
+        var storedAll: UInt64 = 0
+        for id in try repository.listChunkIDs() {
+            storedChunks += try repository.store.size(Repository.chunkKey(id)) ?? 0
+        }
+        storedAll = storedChunks
+        for ns in ["indexes", "snapshots", "keys"] {
+            for name in try repository.store.list(ns) {
+                storedAll += try repository.store.size(ObjectKey(ns, name)) ?? 0
+            }
+        }
+        storedAll += try repository.store.size(ObjectKey("", "config")) ?? 0
+        func ratio(_ a: UInt64, _ b: UInt64) -> Double { b == 0 ? 0 : (Double(a) / Double(b) * 100).rounded() / 100 }
+        return RepositoryStats(snapshots: snapshots.count, disks: disks, logicalBytes: logical, referencedDataBytes: referenced,
+                               uniqueDataBytes: unique, chunks: lengths.count, storedBytes: storedAll, storedChunkBytes: storedChunks,
+                               deduplicationRatio: ratio(referenced, unique), compressionRatio: ratio(unique, storedChunks),
+                               totalRatio: ratio(logical, storedAll))
+    }
+}

@@ -1,0 +1,98 @@
+import CairnCore
+import Foundation
+import RepositoryFormat
+import Storage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A lock file in `locks/` (docs/FORMAT.md, "Locks").
+///
+/// Backups, restores and checks hold *shared* locks; garbage collection (and anything else
+/// that deletes referenced data) holds an *exclusive* one. A lock is stale when its process is
+/// gone (same host, no such pid) or its heartbeat is older than `staleAfter`.
+package struct LockRecord: Codable, Sendable {
+    package var version: Int
+    package var kind: String
+    package var host: String
+    package var pid: Int32
+    package var time: String
+    package var heartbeat: String
+    package var job: String
+}
+
+package final class RepositoryLock: @unchecked Sendable {
+    package let id: String
+    package let exclusive: Bool
+    let repository: Repository
+    private var released = false
+
+    package static let staleAfter: TimeInterval = 30 * 60
+
+    init(id: String, exclusive: Bool, repository: Repository) {
+        self.id = id
+        self.exclusive = exclusive
+        self.repository = repository
+    }
+
+    package func release() {
+        guard !released else { return }
+        released = true
+        try? repository.store.delete(ObjectKey("locks", id))
+        try? repository.store.barrier()
+    }
+
+    deinit { release() }
+}
+
+extension Repository {
+    /// Lock records by id; unreadable ones are treated as live (conservative).
+    package func readLocks() throws -> [String: LockRecord?] {
+        var out: [String: LockRecord?] = [:]
+        for name in try store.list("locks") {
+            let rec = try? JSONDecoder().decode(LockRecord.self, from: Data(try store.get(ObjectKey("locks", name))))
+            out[name] = rec
+        }
+        return out
+    }
+
+    package static func isStale(_ rec: LockRecord, now: Date = Date()) -> Bool {
+        if rec.host == hostName() {
+            if kill(rec.pid, 0) != 0 && errno == ESRCH { return true }
+        }
+        if let hb = parseTimestamp(rec.heartbeat), now.timeIntervalSince(hb) > RepositoryLock.staleAfter { return true }
+        return false
+    }
+
+    /// Takes a lock. Removes stale locks and the temporary files of dead writers on the way.
+    package func lock(exclusive: Bool, job: String) throws -> RepositoryLock {
+        var rnd = [UInt8](repeating: 0, count: 8)
+        for i in rnd.indices { rnd[i] = UInt8.random(in: 0...255) }
+        let id = hexString(rnd)
+        let now = timestamp()
+        let rec = LockRecord(version: 1, kind: exclusive ? "exclusive" : "shared", host: hostName(), pid: getpid(),
+                             time: now, heartbeat: now, job: job)
+        try store.put(ObjectKey("locks", id), [UInt8](try JSONEncoder().encode(rec)))
+        try store.barrier()
+        let lock = RepositoryLock(id: id, exclusive: exclusive, repository: self)
+
+        var live: Set<String> = [id]
+        for (name, other) in try readLocks() where name != id {
+            if let other, Repository.isStale(other) {
+                try? store.delete(ObjectKey("locks", name))
+                continue
+            }
+            live.insert(name)
+            let otherExclusive = other?.kind != "shared"
+            if exclusive || otherExclusive {
+                lock.release()
+                let who = other.map { "\($0.kind) lock of \($0.job) by pid \($0.pid) on \($0.host) since \($0.time)" } ?? "an unreadable lock"
+                throw CairnError(.locked, "repository is locked: \(who)", path: "\(path)/locks/\(name)",
+                                 hint: "wait for that job to finish; if it is dead, remove the lock file")
+            }
+        }
+        store.setTemporaryOwner(id)
+        try store.removeStaleTemporaries(liveOwners: live)
+        return lock
+    }
+}

@@ -1,0 +1,67 @@
+import CairnCore
+import Foundation
+
+/// A snapshot manifest (docs/FORMAT.md, "Snapshot manifest"): JSON inside an object of kind
+/// `manifest`. The snapshot id is the object id of its plaintext.
+package struct Manifest: Codable, Sendable, Equatable {
+    package struct Disk: Codable, Sendable, Equatable {
+        package var name: String
+        package var virtualSize: UInt64
+        package var sourceFormat: String
+        package var sourcePath: String
+        /// Hex id of the disk index object.
+        package var index: String
+        package var chunks: Int
+        /// Bytes read from the source.
+        package var bytesRead: UInt64
+        /// Bytes of chunks stored new by this backup (before compression).
+        package var bytesNew: UInt64
+        /// Bytes of chunks already present in the repository.
+        package var bytesDeduplicated: UInt64
+        /// Bytes known zero or unallocated, never read or stored.
+        package var bytesZero: UInt64
+        /// Bytes of stored objects added (after compression and encryption).
+        package var bytesStored: UInt64
+
+        package init(name: String, virtualSize: UInt64, sourceFormat: String, sourcePath: String, index: String, chunks: Int,
+                     bytesRead: UInt64, bytesNew: UInt64, bytesDeduplicated: UInt64, bytesZero: UInt64, bytesStored: UInt64) {
+            self.name = name; self.virtualSize = virtualSize; self.sourceFormat = sourceFormat; self.sourcePath = sourcePath
+            self.index = index; self.chunks = chunks; self.bytesRead = bytesRead; self.bytesNew = bytesNew
+            self.bytesDeduplicated = bytesDeduplicated; self.bytesZero = bytesZero; self.bytesStored = bytesStored
+        }
+    }
+
+    package var version: Int
+    package var vm: String
+    /// RFC 3339 UTC time of the backup's start.
+    package var time: String
+    package var host: String
+    package var tags: [String]
+    package var toolVersion: String
+    package var chunkSize: Int
+    package var consistency: String
+    package var disks: [Disk]
+
+    package init(vm: String, time: String, host: String, tags: [String], toolVersion: String, chunkSize: Int, consistency: String = "crash", disks: [Disk]) {
+        self.version = 1
+        self.vm = vm; self.time = time; self.host = host; self.tags = tags; self.toolVersion = toolVersion
+        self.chunkSize = chunkSize; self.consistency = consistency; self.disks = disks
+    }
+
+    package func encode() throws -> [UInt8] {
+        let e = JSONEncoder()
+        e.outputFormatting = [.sortedKeys]
+        return [UInt8](try e.encode(self))
+    }
+
+    package static func decode(_ bytes: [UInt8], what: String) throws -> Manifest {
+        let m: Manifest
+        do {
+            m = try JSONDecoder().decode(Manifest.self, from: Data(bytes))
+        } catch {
+            throw CairnError(.corrupt, "\(what): manifest is not valid JSON of the expected shape (\(error))")
+        }
+        guard m.version == 1 else { throw CairnError(.unsupported, "\(what): manifest version \(m.version) is not supported") }
+        return m
+    }
+}

@@ -1,0 +1,194 @@
+import CairnCore
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An `ObjectStore` in a local directory.
+///
+/// Layout: `<root>/<namespace>/<name>`, except chunks and indexes, which fan out into 256
+/// subdirectories by the first two hex digits (`chunks/ab/abcd...`). Every put writes
+/// `tmp/<owner>.<random>`, fdatasyncs it, renames it into place; the directories touched are
+/// fsynced at the next `barrier()`. Temporary files carry the id of the lock of the process
+/// that writes them, so a later process can remove those left by a dead one.
+package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
+    // @unchecked: mutable state lives in Mutexes.
+    package let root: String
+    package var location: String { root }
+    /// Prefix of temporary file names (the owner's lock id).
+    private let tmpOwner = Mutex<String>("anon")
+    private let dirtyDirectories = Mutex<Set<String>>([])
+    private let createdDirectories = Mutex<Set<String>>([])
+    /// Whether puts fdatasync file contents (off only for throwaway test stores).
+    package let durable: Bool
+
+    package static let fanOutNamespaces: Set<String> = ["chunks", "indexes"]
+
+    package init(root: String, durable: Bool = true) {
+        self.root = root
+        self.durable = durable
+    }
+
+    package func setTemporaryOwner(_ owner: String) {
+        tmpOwner.withLock { $0 = owner }
+    }
+
+    package func directory(for key: ObjectKey) -> String {
+        if LocalDirectoryStore.fanOutNamespaces.contains(key.namespace), key.name.count >= 2 {
+            return "\(root)/\(key.namespace)/\(key.name.prefix(2))"
+        }
+        return "\(root)/\(key.namespace)"
+    }
+
+    package func path(for key: ObjectKey) -> String { "\(directory(for: key))/\(key.name)" }
+
+    private func ensureDirectory(_ dir: String) throws {
+        if createdDirectories.withLock({ $0.contains(dir) }) { return }
+        if mkdir(dir, 0o755) != 0 && errno != EEXIST {
+            if errno == ENOENT {
+                // Parent missing (a namespace directory): create it first.
+                let parent = String(dir[..<(dir.lastIndex(of: "/") ?? dir.endIndex)])
+                try ensureDirectory(parent)
+                if mkdir(dir, 0o755) != 0 && errno != EEXIST { throw CairnError.errno("mkdir", errno, path: dir) }
+                dirtyDirectories.withLock { _ = $0.insert(parent) }
+            } else {
+                throw CairnError.errno("mkdir", errno, path: dir)
+            }
+        }
+        createdDirectories.withLock { _ = $0.insert(dir) }
+    }
+
+    package func put(_ key: ObjectKey, _ bytes: UnsafeRawBufferPointer) throws {
+        let dir = directory(for: key)
+        try ensureDirectory(dir)
+        let tmpDir = "\(root)/tmp"
+        try ensureDirectory(tmpDir)
+        let owner = tmpOwner.withLock { $0 }
+        let tmp = "\(tmpDir)/\(owner).\(UInt64.random(in: 0...UInt64.max))"
+        let file = try PosixFile(path: tmp, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o444)
+        do {
+            try file.pwrite(bytes, at: 0)
+            if durable { try file.fdatasync() }
+        } catch {
+            unlink(tmp)
+            throw error
+        }
+        let dest = "\(dir)/\(key.name)"
+        guard rename(tmp, dest) == 0 else {
+            let e = errno
+            unlink(tmp)
+            throw CairnError.errno("rename", e, path: dest)
+        }
+        dirtyDirectories.withLock { _ = $0.insert(dir) }
+    }
+
+    package func get(_ key: ObjectKey) throws -> [UInt8] {
+        var buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 0, alignment: 16)
+        defer { buf.deallocate() }
+        let n = try get(key, into: &buf)
+        return Array(UnsafeRawBufferPointer(rebasing: buf[0..<n]))
+    }
+
+    package func get(_ key: ObjectKey, into buffer: inout UnsafeMutableRawBufferPointer) throws -> Int {
+        let p = path(for: key)
+        let fd = open(p, O_RDONLY | O_CLOEXEC)
+        if fd < 0 {
+            if errno == ENOENT { throw CairnError(.notFound, "\(key.namespace) object \(key.name) is missing", path: p) }
+            throw CairnError.errno("open", errno, path: p)
+        }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw CairnError.errno("fstat", errno, path: p) }
+        let size = Int(st.st_size)
+        if buffer.count < size {
+            buffer.deallocate()
+            buffer = .allocate(byteCount: size, alignment: 16)
+        }
+        var done = 0
+        while done < size {
+            let n = pread(fd, buffer.baseAddress! + done, size - done, off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw CairnError.errno("pread", errno, path: p, offset: UInt64(done))
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    package func exists(_ key: ObjectKey) throws -> Bool {
+        access(path(for: key), F_OK) == 0
+    }
+
+    package func size(_ key: ObjectKey) throws -> UInt64? {
+        var st = stat()
+        if stat(path(for: key), &st) != 0 {
+            if errno == ENOENT { return nil }
+            throw CairnError.errno("stat", errno, path: path(for: key))
+        }
+        return UInt64(st.st_size)
+    }
+
+    package func list(_ namespace: String) throws -> [String] {
+        let base = "\(root)/\(namespace)"
+        if LocalDirectoryStore.fanOutNamespaces.contains(namespace) {
+            var out: [String] = []
+            for sub in try listDirectory(base) where sub.count == 2 {
+                out += try listDirectory("\(base)/\(sub)")
+            }
+            return out
+        }
+        return try listDirectory(base)
+    }
+
+    /// Entries of a directory except dot files; empty when it does not exist.
+    package func listDirectory(_ path: String) throws -> [String] {
+        guard let dir = opendir(path) else {
+            if errno == ENOENT { return [] }
+            throw CairnError.errno("opendir", errno, path: path)
+        }
+        defer { closedir(dir) }
+        var out: [String] = []
+        while let ent = readdir(dir) {
+            let name = withUnsafePointer(to: ent.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+            }
+            if name.hasPrefix(".") { continue }
+            out.append(name)
+        }
+        return out
+    }
+
+    package func delete(_ key: ObjectKey) throws {
+        let p = path(for: key)
+        if unlink(p) != 0 && errno != ENOENT { throw CairnError.errno("unlink", errno, path: p) }
+        dirtyDirectories.withLock { _ = $0.insert(directory(for: key)) }
+    }
+
+    package func barrier() throws {
+        let dirs = dirtyDirectories.withLock { d -> Set<String> in
+            let copy = d
+            d.removeAll()
+            return copy
+        }
+        guard durable else { return }
+        for d in dirs.sorted(by: { $0.count > $1.count }) {
+            try fsyncDirectory(d)
+        }
+    }
+
+    /// Removes temporary files whose owner is not in `liveOwners` (left by killed processes).
+    /// Returns how many were removed.
+    @discardableResult
+    package func removeStaleTemporaries(liveOwners: Set<String>) throws -> Int {
+        var removed = 0
+        for name in try listDirectory("\(root)/tmp") {
+            let owner = String(name.prefix(while: { $0 != "." }))
+            if !liveOwners.contains(owner) {
+                if unlink("\(root)/tmp/\(name)") == 0 { removed += 1 }
+            }
+        }
+        return removed
+    }
+}

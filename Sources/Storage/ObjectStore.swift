@@ -1,0 +1,46 @@
+import CairnCore
+
+/// Where an object lives in a store: a namespace ("chunks", "indexes", "snapshots", "keys",
+/// "locks") and a name (usually 64 hex digits).
+package struct ObjectKey: Hashable, Sendable, CustomStringConvertible {
+    package var namespace: String
+    package var name: String
+
+    package init(_ namespace: String, _ name: String) {
+        self.namespace = namespace
+        self.name = name
+    }
+
+    package var description: String { "\(namespace)/\(name)" }
+}
+
+/// The storage contract every backend keeps (docs/FORMAT.md, "Storage contract"):
+///
+/// - `put` is atomic: a reader sees the whole object or nothing, never a prefix.
+/// - After `put` returns, the object's bytes are durable; its *name* is durable after the next
+///   `barrier()` (a local directory batches directory fsyncs there; object stores do nothing).
+/// - Read-after-write: `get`/`exists`/`list` see an object once `put` returned.
+/// - Objects are write-once: a `put` of an existing key replaces it with identical bytes only
+///   (content addressing); nothing is ever modified in place.
+package protocol ObjectStore: Sendable {
+    /// A human name of the store (a path or URL) for messages.
+    var location: String { get }
+    func put(_ key: ObjectKey, _ bytes: UnsafeRawBufferPointer) throws
+    /// Reads a whole object; throws `.notFound` when it does not exist.
+    func get(_ key: ObjectKey) throws -> [UInt8]
+    /// Reads a whole object into `buffer` (reallocated when too small); returns its length.
+    func get(_ key: ObjectKey, into buffer: inout UnsafeMutableRawBufferPointer) throws -> Int
+    func exists(_ key: ObjectKey) throws -> Bool
+    func size(_ key: ObjectKey) throws -> UInt64?
+    /// Names in a namespace, in no particular order.
+    func list(_ namespace: String) throws -> [String]
+    func delete(_ key: ObjectKey) throws
+    /// Makes the names of every object put so far durable.
+    func barrier() throws
+}
+
+extension ObjectStore {
+    package func put(_ key: ObjectKey, _ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { try put(key, $0) }
+    }
+}

@@ -1,0 +1,136 @@
+import ArgumentParser
+import CairnCore
+import Engine
+import Foundation
+import Repository
+import RepositoryFormat
+#if canImport(Glibc)
+import Glibc
+#endif
+
+let cairnVersion = "0.1.0"
+
+@main
+struct Cairn: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cairn",
+        abstract: "Agentless image-level backup and recovery for virtual machines.",
+        discussion: """
+        Environment: CAIRN_REPO (repository directory), CAIRN_PASSWORD (passphrase).
+        Exit status: 0 ok, 1 failure, 3 corrupt data found, 10 no repository, 11 locked,
+        12 wrong password, 64 usage, 130 interrupted (see docs/CLI.md).
+        """,
+        version: "cairn \(cairnVersion)",
+        subcommands: [Init.self, Backup.self, Snapshots.self, Restore.self, Check.self, Stats.self]
+    )
+
+    static func main() {
+        tuneMallocForLargeBuffers()
+        signal(SIGPIPE, SIG_IGN)
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let e as CairnError {
+            printError("cairn: error: \(e.description)")
+            Foundation.exit(ExitStatus.of(e).rawValue)
+        } catch {
+            exit(withError: error)
+        }
+    }
+}
+
+/// Options every repository command takes.
+struct RepositoryOptions: ParsableArguments {
+    @Option(name: [.short, .long], help: "Repository directory (default: $CAIRN_REPO).")
+    var repo: String?
+
+    @Option(name: .long, help: "Read the password from this file (default: $CAIRN_PASSWORD, or ask on a terminal).")
+    var passwordFile: String?
+
+    @Flag(name: .long, help: "Machine-readable JSON output.")
+    var json = false
+
+    @Flag(name: [.short, .long], help: "Print only errors and results.")
+    var quiet = false
+
+    func repositoryPath() throws -> String {
+        guard let p = repo ?? ProcessInfo.processInfo.environment["CAIRN_REPO"], !p.isEmpty else {
+            throw CairnError(.usage, "no repository given", hint: "use --repo DIR or set CAIRN_REPO")
+        }
+        return p
+    }
+
+    func password(confirm: Bool = false) throws -> String? {
+        if let passwordFile {
+            guard let d = FileManager.default.contents(atPath: passwordFile) else {
+                throw CairnError(.usage, "cannot read the password file", path: passwordFile)
+            }
+            var s = String(decoding: d, as: UTF8.self)
+            while s.hasSuffix("\n") || s.hasSuffix("\r") { s.removeLast() }
+            return s
+        }
+        if let env = ProcessInfo.processInfo.environment["CAIRN_PASSWORD"] { return env }
+        guard let p = promptPassword("enter password for repository: ") else { return nil }
+        if confirm {
+            guard promptPassword("enter the password again: ") == p else { throw CairnError(.usage, "the passwords do not match") }
+        }
+        return p
+    }
+
+    func open() throws -> Repository {
+        let path = try repositoryPath()
+        return try Repository.open(path: path) { try password() }
+    }
+
+    func progress() -> TerminalProgress { TerminalProgress(json: json, quiet: quiet) }
+}
+
+/// Installs SIGINT/SIGTERM handlers that cancel the job; a second signal exits at once.
+func installSignalHandlers(_ token: CancellationToken) -> [any DispatchSourceSignal] {
+    var sources: [any DispatchSourceSignal] = []
+    for sig in [SIGINT, SIGTERM] {
+        signal(sig, SIG_IGN)
+        let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+        s.setEventHandler {
+            if token.isCancelled { Foundation.exit(ExitStatus.interrupted.rawValue) }
+            token.cancel()
+        }
+        s.resume()
+        sources.append(s)
+    }
+    return sources
+}
+
+struct Init: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Create a repository.")
+
+    @OptionGroup var options: RepositoryOptions
+
+    @Option(help: "none or aes-256-gcm.")
+    var encryption = "aes-256-gcm"
+
+    @Option(help: "Chunk size, a power of two from 64K to 8M (default 1M).")
+    var chunkSize = "1M"
+
+    @Option(help: "zstd level for new chunks (1-19).")
+    var compressionLevel = 3
+
+    func run() throws {
+        guard let enc = EncryptionAlgorithm(name: encryption) else {
+            throw CairnError(.usage, "unknown encryption '\(encryption)'", hint: "use none or aes-256-gcm")
+        }
+        guard let size = ByteCount.parse(chunkSize), size <= UInt64(Int.max), RepositoryConfig.validChunkSize(Int(size)) else {
+            throw CairnError(.usage, "chunk size '\(chunkSize)' must be a power of two from 64K to 8M")
+        }
+        guard (1...19).contains(compressionLevel) else { throw CairnError(.usage, "compression level must be 1..19") }
+        let path = try options.repositoryPath()
+        let pass = enc == .none ? nil : try options.password(confirm: true)
+        let repo = try Repository.initialize(path: path, encryption: enc, chunkSize: Int(size), passphrase: pass, compressionLevel: compressionLevel)
+        if options.json {
+            printJSONLine(["id": repo.config.id, "path": path, "encryption": enc.name, "chunk_size": repo.chunkSize])
+        } else {
+            print("created repository \(repo.config.id.prefix(8)) at \(path) (encryption \(enc.name), chunk size \(ByteCount.format(UInt64(repo.chunkSize))))")
+            if enc != .none { print("keep the password safe: without it the backups cannot be read") }
+        }
+    }
+}

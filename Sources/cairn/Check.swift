@@ -1,0 +1,66 @@
+import ArgumentParser
+import CairnCore
+import Engine
+import Foundation
+import Repository
+
+struct Check: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check the repository: every snapshot's manifest and indexes, every referenced chunk present; with --read-data every chunk's bytes."
+    )
+
+    @OptionGroup var options: RepositoryOptions
+
+    @Flag(help: "Read, decrypt, decompress and digest-check every referenced chunk.")
+    var readData = false
+
+    func run() throws {
+        let repo = try options.open()
+        let cancel = CancellationToken()
+        let signals = installSignalHandlers(cancel)
+        defer { signals.forEach { $0.cancel() } }
+        let report = try CheckJob(repository: repo, readData: readData, progress: options.progress(), cancel: cancel).run()
+        if options.json {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            FileHandle.standardOutput.write(try enc.encode(report) + Data("\n".utf8))
+        } else {
+            print("\(report.snapshots) snapshots, \(report.indexes) indexes, \(report.referencedChunks) chunks referenced, \(report.storedChunks) stored, \(report.unreferencedChunks) unreferenced")
+            if readData { print("read \(report.chunksRead) chunks (\(ByteCount.format(report.bytesRead)))") }
+            for p in report.problems {
+                print("error: \(p.kind) \(p.object): \(p.message)")
+                for a in p.affected { print("  used by \(a)") }
+            }
+            print(report.ok ? "no errors found" : "\(report.problems.count) problem\(report.problems.count == 1 ? "" : "s") found")
+        }
+        if !report.ok {
+            throw CairnError(.corrupt, "check found \(report.problems.count) problem\(report.problems.count == 1 ? "" : "s")")
+        }
+    }
+}
+
+struct Stats: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show logical and stored sizes, deduplication and compression ratios.")
+
+    @OptionGroup var options: RepositoryOptions
+
+    func run() throws {
+        let repo = try options.open()
+        let s = try RepositoryStats.compute(repository: repo)
+        if options.json {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            enc.keyEncodingStrategy = .convertToSnakeCase
+            FileHandle.standardOutput.write(try enc.encode(s) + Data("\n".utf8))
+            return
+        }
+        print("snapshots:            \(s.snapshots) (\(s.disks) disks)")
+        print("logical size:         \(ByteCount.format(s.logicalBytes)) (sum of virtual disk sizes)")
+        print("data referenced:      \(ByteCount.format(s.referencedDataBytes)) (non-zero chunks)")
+        print("unique data:          \(ByteCount.format(s.uniqueDataBytes)) in \(s.chunks) chunks")
+        print("stored:               \(ByteCount.format(s.storedBytes)) (chunks \(ByteCount.format(s.storedChunkBytes)))")
+        print("deduplication ratio:  \(s.deduplicationRatio)x")
+        print("compression ratio:    \(s.compressionRatio)x")
+        print("logical / stored:     \(s.totalRatio)x")
+    }
+}

@@ -1,0 +1,48 @@
+import ArgumentParser
+import CairnCore
+import Engine
+import Foundation
+import Repository
+import RepositoryFormat
+
+struct Snapshots: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "List snapshots.")
+
+    @OptionGroup var options: RepositoryOptions
+
+    @Option(help: "Only snapshots of this VM.")
+    var vm: String?
+
+    func run() throws {
+        let repo = try options.open()
+        let codec = repo.makeCodec()
+        let (all, failures) = try repo.listSnapshots(codec: codec)
+        let list = all.filter { vm == nil || $0.manifest.vm == vm }
+        for (name, e) in failures { printError("cairn: warning: snapshot \(name) is unreadable: \(e.description)") }
+        if options.json {
+            let arr: [[String: Any]] = list.map { s in
+                ["id": s.id.hex, "short_id": s.id.short, "vm": s.manifest.vm, "time": s.manifest.time, "host": s.manifest.host,
+                 "tags": s.manifest.tags, "consistency": s.manifest.consistency, "tool_version": s.manifest.toolVersion,
+                 "disks": s.manifest.disks.map { d in
+                     ["name": d.name, "size": d.virtualSize, "format": d.sourceFormat, "source": d.sourcePath, "index": d.index,
+                      "bytes_read": d.bytesRead, "bytes_new": d.bytesNew, "bytes_deduplicated": d.bytesDeduplicated,
+                      "bytes_zero": d.bytesZero, "bytes_stored": d.bytesStored] as [String: Any]
+                 }]
+            }
+            let d = try JSONSerialization.data(withJSONObject: arr, options: [.prettyPrinted, .sortedKeys])
+            FileHandle.standardOutput.write(d + Data("\n".utf8))
+            return
+        }
+        print("ID        Time                      VM               Disks")
+        print(String(repeating: "-", count: 78))
+        for s in list {
+            let disks = s.manifest.disks.map { "\($0.name) (\(ByteCount.format($0.virtualSize)))" }.joined(separator: ", ")
+            let time = String(s.manifest.time.prefix(19)).replacingOccurrences(of: "T", with: " ")
+            var line = "\(s.id.short)  \(time.padding(toLength: 24, withPad: " ", startingAt: 0))  \(s.manifest.vm.padding(toLength: 15, withPad: " ", startingAt: 0))  \(disks)"
+            if !s.manifest.tags.isEmpty { line += "  [\(s.manifest.tags.joined(separator: ","))]" }
+            print(line)
+        }
+        print(String(repeating: "-", count: 78))
+        print("\(list.count) snapshot\(list.count == 1 ? "" : "s")")
+    }
+}
