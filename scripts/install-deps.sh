@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Cairn's build, demo and tests need (idempotent, quick when
+# everything is present). Runs apt-get as root, or through sudo when available.
+set -euo pipefail
+
+packages=(
+  libzstd-dev zlib1g-dev pkg-config   # build: zstd and zlib (qcow2 deflate clusters)
+  qemu-utils                          # qemu-img / qemu-io: the referee for disk formats
+  e2fsprogs fdisk                     # mke2fs -d, e2fsck, debugfs, sfdisk: guest fixtures
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
+  SUDO=sudo
+fi
+echo "installing: ${missing[*]}" >&2
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
