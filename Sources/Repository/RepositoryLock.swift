@@ -26,18 +26,46 @@ package final class RepositoryLock: @unchecked Sendable {
     package let exclusive: Bool
     let repository: Repository
     private var released = false
+    private var record: LockRecord
+    private var timer: (any DispatchSourceTimer)?
 
     package static let staleAfter: TimeInterval = 30 * 60
+    /// How often a held lock's heartbeat is rewritten (well within `staleAfter`).
+    package static let heartbeatInterval: TimeInterval = 5 * 60
 
-    init(id: String, exclusive: Bool, repository: Repository) {
+    init(id: String, exclusive: Bool, repository: Repository, record: LockRecord) {
         self.id = id
         self.exclusive = exclusive
         self.repository = repository
+        self.record = record
+    }
+
+    func startHeartbeat() {
+        let t = DispatchSource.makeTimerSource(queue: .global())
+        t.schedule(deadline: .now() + RepositoryLock.heartbeatInterval, repeating: RepositoryLock.heartbeatInterval)
+        t.setEventHandler { [weak self] in self?.refresh() }
+        t.resume()
+        timer = t
+    }
+
+    private let guardLock = NSLock()
+
+    private func refresh() {
+        guardLock.lock()
+        defer { guardLock.unlock() }
+        guard !released else { return }
+        record.heartbeat = timestamp()
+        if let data = try? JSONEncoder().encode(record) {
+            try? repository.store.put(ObjectKey("locks", id), [UInt8](data))
+        }
     }
 
     package func release() {
+        guardLock.lock()
+        defer { guardLock.unlock() }
         guard !released else { return }
         released = true
+        timer?.cancel()
         try? repository.store.delete(ObjectKey("locks", id))
         try? repository.store.barrier()
     }
@@ -74,7 +102,7 @@ extension Repository {
                              time: now, heartbeat: now, job: job)
         try store.put(ObjectKey("locks", id), [UInt8](try JSONEncoder().encode(rec)))
         try store.barrier()
-        let lock = RepositoryLock(id: id, exclusive: exclusive, repository: self)
+        let lock = RepositoryLock(id: id, exclusive: exclusive, repository: self, record: rec)
 
         var live: Set<String> = [id]
         for (name, other) in try readLocks() where name != id {
@@ -93,6 +121,7 @@ extension Repository {
         }
         store.setTemporaryOwner(id)
         try store.removeStaleTemporaries(liveOwners: live)
+        lock.startHeartbeat()
         return lock
     }
 }
