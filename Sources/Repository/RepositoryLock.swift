@@ -19,6 +19,11 @@ package struct LockRecord: Codable, Sendable {
     package var time: String
     package var heartbeat: String
     package var job: String
+
+    package init(version: Int, kind: String, host: String, pid: Int32, time: String, heartbeat: String, job: String) {
+        self.version = version; self.kind = kind; self.host = host; self.pid = pid
+        self.time = time; self.heartbeat = heartbeat; self.job = job
+    }
 }
 
 package final class RepositoryLock: @unchecked Sendable {

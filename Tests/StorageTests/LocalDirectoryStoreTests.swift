@@ -1,0 +1,50 @@
+import CairnCore
+import CairnTestSupport
+import Foundation
+import Storage
+import Testing
+
+@Suite struct LocalDirectoryStoreTests {
+    @Test func putGetListDelete() throws {
+        let dir = try TempDir()
+        let store = LocalDirectoryStore(root: dir.path)
+        let name = String(repeating: "ab", count: 32)
+        try store.put(ObjectKey("chunks", name), Array("hello".utf8))
+        try store.put(ObjectKey("snapshots", "s1"), Array("world".utf8))
+        try store.barrier()
+        #expect(FileManager.default.fileExists(atPath: "\(dir.path)/chunks/ab/\(name)"))
+        #expect(try store.get(ObjectKey("chunks", name)) == Array("hello".utf8))
+        #expect(try store.list("chunks") == [name])
+        #expect(try store.list("snapshots") == ["s1"])
+        #expect(try store.exists(ObjectKey("snapshots", "s1")))
+        #expect(try store.size(ObjectKey("snapshots", "s1")) == 5)
+        // Nothing is left in tmp/ after successful puts.
+        #expect(try store.listDirectory("\(dir.path)/tmp").isEmpty)
+        try store.delete(ObjectKey("snapshots", "s1"))
+        #expect(try !store.exists(ObjectKey("snapshots", "s1")))
+        let e = #expect(throws: CairnError.self) { try store.get(ObjectKey("snapshots", "s1")) }
+        #expect(e?.code == .notFound)
+        #expect(try store.list("nothing-here").isEmpty)
+    }
+
+    @Test func staleTemporariesOfDeadOwnersAreRemoved() throws {
+        let dir = try TempDir()
+        let store = LocalDirectoryStore(root: dir.path)
+        try FileManager.default.createDirectory(atPath: "\(dir.path)/tmp", withIntermediateDirectories: true)
+        _ = FileManager.default.createFile(atPath: "\(dir.path)/tmp/deadbeef.123", contents: Data([1]))
+        _ = FileManager.default.createFile(atPath: "\(dir.path)/tmp/live0001.456", contents: Data([1]))
+        let removed = try store.removeStaleTemporaries(liveOwners: ["live0001"])
+        #expect(removed == 1)
+        #expect(try store.listDirectory("\(dir.path)/tmp") == ["live0001.456"])
+    }
+
+    @Test func fullDiskIsReportedAsNoSpace() throws {
+        // /dev/full answers every write with ENOSPC: the error must say so and leave no temp file.
+        let e = #expect(throws: CairnError.self) {
+            let f = try PosixFile(path: "/dev/full", flags: O_WRONLY)
+            try [UInt8](repeating: 1, count: 10).withUnsafeBytes { try f.pwrite($0, at: 0) }
+        }
+        #expect(e?.code == .noSpace)
+        #expect(e?.description.contains("/dev/full") == true)
+    }
+}
