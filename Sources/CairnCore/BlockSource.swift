@@ -22,9 +22,14 @@ public protocol BlockSource: Sendable {
 
     /// A short name for messages (usually a path).
     var name: String { get }
+
+    /// A hint that `range` will be read soon (sources backed by files start the I/O now).
+    func prefetch(_ range: Range<UInt64>)
 }
 
 extension BlockSource {
+    public func prefetch(_ range: Range<UInt64>) {}
+
     /// The allocation map of the whole source.
     public func allExtents() throws -> [Extent] {
         try extents(in: 0..<size)

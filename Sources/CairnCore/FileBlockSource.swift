@@ -25,6 +25,14 @@ public final class FileBlockSource: BlockSource, @unchecked Sendable {
         try file.pread(into: buffer, at: offset)
     }
 
+    /// Starts asynchronous read-ahead (POSIX_FADV_WILLNEED), so the pipeline's next chunks
+    /// are in the page cache when a worker asks for them.
+    public func prefetch(_ range: Range<UInt64>) {
+        guard range.lowerBound < size else { return }
+        let end = min(range.upperBound, size)
+        _ = posix_fadvise(file.fd, off_t(range.lowerBound), off_t(end - range.lowerBound), POSIX_FADV_WILLNEED)
+    }
+
     public func extents(in range: Range<UInt64>) throws -> [Extent] {
         let end = min(range.upperBound, size)
         guard range.lowerBound < end else { return [] }

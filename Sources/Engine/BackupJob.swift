@@ -11,9 +11,16 @@ package struct BackupDisk: Sendable {
     package var source: any BlockSource
     package var format: String
     package var path: String
+    /// Change tracking: the ranges changed since `base` was taken (from a dirty bitmap). Chunks
+    /// outside them reuse `base`'s entries unread. Nil: read every allocated chunk and let
+    /// content hashes find what changed.
+    package var changedRanges: [Range<UInt64>]?
+    package var base: DiskIndex?
 
-    package init(name: String, source: any BlockSource, format: String, path: String) {
+    package init(name: String, source: any BlockSource, format: String, path: String,
+                 changedRanges: [Range<UInt64>]? = nil, base: DiskIndex? = nil) {
         self.name = name; self.source = source; self.format = format; self.path = path
+        self.changedRanges = changedRanges; self.base = base
     }
 }
 
@@ -138,19 +145,29 @@ package final class BackupJob: @unchecked Sendable {
     private func backupDisk(_ disk: BackupDisk, known: ChunkSet, counters: Counters) throws -> DiskIndex {
         let chunkSize = repository.chunkSize
         let source = disk.source
-        let plan = try ReadPlan.make(source: source, chunkSize: chunkSize)
+        let plan = try ReadPlan.make(source: source, chunkSize: chunkSize, changed: disk.changedRanges, base: disk.base)
         let slots = SharedSlots<CairnCore.Digest>(count: plan.chunkCount, initial: .zero)
         let template = DiskIndex(virtualSize: source.size, chunkSize: chunkSize, entries: [])
         for (i, d) in plan.known {
             slots[i] = d
             let len = UInt64(template.length(ofChunk: i))
             counters.done.add(len, ordering: .relaxed)
-            if d.isZero { counters.zero.add(len, ordering: .relaxed) }
+            if d.isZero {
+                counters.zero.add(len, ordering: .relaxed)
+            } else {
+                // Reused from the base index without reading: the chunk must still exist.
+                guard known.contains(d) else {
+                    throw CairnError(.corrupt, "chunk \(d.hex) of the change-tracking base is missing from the repository",
+                                     hint: "run a full backup (without change tracking)")
+                }
+                counters.dedup.add(len, ordering: .relaxed)
+            }
         }
         let next = Atomic<Int>(0)
         let repository = self.repository
         let cancel = self.cancel
         let toRead = plan.toRead
+        let prefetchDistance = workers * 2
         try runWorkers(count: min(workers, max(1, toRead.count)), stop: cancel) { _ in
             let codec = repository.makeCodec()
             let buffer = allocateBuffer(chunkSize)
@@ -160,6 +177,12 @@ package final class BackupJob: @unchecked Sendable {
                 let k = next.add(1, ordering: .relaxed).oldValue
                 if k >= toRead.count { break }
                 let i = toRead[k]
+                // Keep the source's I/O a few chunks ahead of the workers.
+                let ahead = k + prefetchDistance
+                if ahead < toRead.count {
+                    let o = UInt64(toRead[ahead]) * UInt64(chunkSize)
+                    source.prefetch(o..<o + UInt64(chunkSize))
+                }
                 let offset = UInt64(i) * UInt64(chunkSize)
                 let len = template.length(ofChunk: i)
                 let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<len])

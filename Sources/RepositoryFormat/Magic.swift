@@ -21,7 +21,7 @@ package enum Magic {
 
     package static let minChunkSize = 64 << 10
     package static let maxChunkSize = 8 << 20
-    package static let defaultChunkSize = 1 << 20
+    package static let defaultChunkSize = 512 << 10
 }
 
 /// What an object is. Bound into the authenticated data of every encrypted object, so bytes

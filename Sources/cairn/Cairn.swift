@@ -109,8 +109,8 @@ struct Init: ParsableCommand {
     @Option(help: "none or aes-256-gcm.")
     var encryption = "aes-256-gcm"
 
-    @Option(help: "Chunk size, a power of two from 64K to 8M (default 1M).")
-    var chunkSize = "1M"
+    @Option(help: "Chunk size, a power of two from 64K to 8M (default 512K; see docs/FORMAT.md).")
+    var chunkSize = "512K"
 
     @Option(help: "zstd level for new chunks (1-19).")
     var compressionLevel = 3
