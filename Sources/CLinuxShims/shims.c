@@ -11,6 +11,11 @@ int cairn_seek_data_whence(void) { return SEEK_DATA; }
 int cairn_seek_hole_whence(void) { return SEEK_HOLE; }
 int cairn_syncfs(int fd) { return syncfs(fd); }
 
+/* Starts write-back of a range without waiting (so a final fsync has little left to do). */
+int cairn_start_writeback(int fd, int64_t offset, int64_t length) {
+    return sync_file_range(fd, (off_t)offset, (off_t)length, SYNC_FILE_RANGE_WRITE);
+}
+
 /* Keep freed chunk-sized buffers in the heap instead of returning them to the kernel after
  * every call: without this, AES-GCM and zstd on multi-MiB buffers page-fault fresh memory
  * on each chunk (measured 10x slower, see PERFORMANCE.md). */

@@ -34,7 +34,7 @@ package final class CheckJob: @unchecked Sendable {
     package let workers: Int
 
     package init(repository: Repository, readData: Bool, progress: any ProgressReporter = SilentProgress(),
-                 cancel: CancellationToken = CancellationToken(), workers: Int = defaultWorkerCount()) {
+                 cancel: CancellationToken = CancellationToken(), workers: Int = defaultIOWorkerCount()) {
         self.repository = repository; self.readData = readData; self.progress = progress; self.cancel = cancel; self.workers = workers
     }
 

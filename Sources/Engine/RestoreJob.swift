@@ -19,7 +19,7 @@ package final class RestoreJob: @unchecked Sendable {
 
     package init(repository: Repository, snapshot: SnapshotEntry, disk: Manifest.Disk, sink: any BlockSink,
                  progress: any ProgressReporter = SilentProgress(), cancel: CancellationToken = CancellationToken(),
-                 workers: Int = defaultWorkerCount()) {
+                 workers: Int = defaultIOWorkerCount()) {
         self.repository = repository; self.snapshot = snapshot; self.disk = disk; self.sink = sink
         self.progress = progress; self.cancel = cancel; self.workers = workers
     }

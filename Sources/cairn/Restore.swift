@@ -35,7 +35,7 @@ struct Restore: ParsableCommand {
     @Flag(help: "Write onto an existing file or block device.")
     var overwrite = false
 
-    @Option(help: "Worker threads (default: two per core).")
+    @Option(help: "Worker threads (default: four per core).")
     var workers: Int?
 
     func run() throws {
@@ -75,7 +75,7 @@ struct Restore: ParsableCommand {
         let started = Date()
         do {
             try RestoreJob(repository: repo, snapshot: snap, disk: chosen, sink: sink, progress: options.progress(), cancel: cancel,
-                           workers: workers ?? defaultWorkerCount()).run()
+                           workers: workers ?? defaultIOWorkerCount()).run()
         } catch {
             // A new file that failed half-way is removed; an existing target is left as is.
             if !exists { unlink(to) }

@@ -7,4 +7,5 @@ int cairn_punch_hole(int fd, int64_t offset, int64_t length);
 int cairn_seek_data_whence(void);
 int cairn_seek_hole_whence(void);
 int cairn_syncfs(int fd);
+int cairn_start_writeback(int fd, int64_t offset, int64_t length);
 void cairn_malloc_tune(void);
