@@ -27,17 +27,9 @@ public final class PosixFile: @unchecked Sendable {
 
     /// Reads exactly `buffer.count` bytes at `offset`; throws on end of file.
     public func pread(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        var done = 0
-        while done < buffer.count {
-            let n = Glibc.pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw CairnError.errno("pread", errno, path: path, offset: offset + UInt64(done))
-            }
-            if n == 0 {
-                throw CairnError(.io, "unexpected end of file reading \(buffer.count) bytes", path: path, offset: offset + UInt64(done))
-            }
-            done += n
+        let n = try preadSome(into: buffer, at: offset)
+        if n < buffer.count {
+            throw CairnError(.io, "unexpected end of file reading \(buffer.count) bytes", path: path, offset: offset + UInt64(n))
         }
     }
 
