@@ -34,34 +34,44 @@ package struct ReadPlan: Sendable {
     package var chunkCount: Int
     /// Chunk positions to read, ascending.
     package var toRead: [Int]
-    /// Entries known without reading (zero chunks, reused base entries).
-    package var known: [Int: CairnCore.Digest]
+    /// Entries known without reading (zero chunks, reused base entries), ascending.
+    package var known: [(position: Int, id: CairnCore.Digest)]
+
+    /// The most index entries one disk may have (32 bytes each in memory and in the index:
+    /// 512 MiB). With the default 512 KiB chunks that is an 8 TiB disk; larger disks need a
+    /// repository with larger chunks.
+    package static let maxEntries = 1 << 24
 
     package static func make(source: any BlockSource, chunkSize: Int, changed: [Range<UInt64>]? = nil, base: DiskIndex? = nil) throws -> ReadPlan {
         let size = source.size
-        let n = DiskIndex.entryCount(virtualSize: size, chunkSize: chunkSize)
         let cs = UInt64(chunkSize)
+        let count = size / cs + (size % cs == 0 ? 0 : 1)
+        guard count <= UInt64(maxEntries) else {
+            throw CairnError(.unsupported, "disk of \(ByteCount.format(size)) needs \(count) index entries at chunk size \(ByteCount.format(cs)); at most \(maxEntries) are supported",
+                             path: source.name, hint: "back it up into a repository made with a larger --chunk-size (up to 8M)")
+        }
+        let n = Int(count)
+        // Chunk positions touched by `r`, clamped to the disk (ranges may come from outside).
+        func positions(_ r: Range<UInt64>) -> ClosedRange<Int>? {
+            let lo = r.lowerBound, hi = min(r.upperBound, size)
+            guard lo < hi else { return nil }
+            return Int(lo / cs)...Int((hi - 1) / cs)
+        }
         var hasData = [Bool](repeating: false, count: n)
-        for e in try source.allExtents() where e.kind.needsRead && e.length > 0 {
-            let first = Int(e.offset / cs)
-            let last = Int((e.end - 1) / cs)
-            for i in first...min(last, n - 1) { hasData[i] = true }
+        for e in try source.allExtents() where e.kind.needsRead {
+            if let p = positions(e.range) { for i in p { hasData[i] = true } }
         }
         var isChanged: [Bool]?
-        if let changed, let base, base.chunkSize == chunkSize, base.virtualSize == size {
+        if let changed, let base, base.chunkSize == chunkSize, base.virtualSize == size, base.entries.count == n {
             var c = [Bool](repeating: false, count: n)
-            for r in changed where !r.isEmpty {
-                let first = Int(r.lowerBound / cs)
-                let last = Int((r.upperBound - 1) / cs)
-                for i in first...min(last, n - 1) { c[i] = true }
-            }
+            for r in changed { if let p = positions(r) { for i in p { c[i] = true } } }
             isChanged = c
         }
         var toRead: [Int] = []
-        var known: [Int: CairnCore.Digest] = [:]
+        var known: [(position: Int, id: CairnCore.Digest)] = []
         for i in 0..<n {
-            if !hasData[i] { known[i] = .zero; continue }
-            if let isChanged, !isChanged[i], let base { known[i] = base.entries[i]; continue }
+            if !hasData[i] { known.append((i, .zero)); continue }
+            if let isChanged, !isChanged[i], let base { known.append((i, base.entries[i])); continue }
             toRead.append(i)
         }
         return ReadPlan(chunkCount: n, toRead: toRead, known: known)

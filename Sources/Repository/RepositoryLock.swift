@@ -79,12 +79,18 @@ package final class RepositoryLock: @unchecked Sendable {
 }
 
 extension Repository {
-    /// Lock records by id; unreadable ones are treated as live (conservative).
+    /// Lock records by id; unreadable ones are nil and treated as live and exclusive
+    /// (conservative). A lock removed between listing and reading is simply gone.
     package func readLocks() throws -> [String: LockRecord?] {
         var out: [String: LockRecord?] = [:]
         for name in try store.list("locks") {
-            let rec = try? JSONDecoder().decode(LockRecord.self, from: Data(try store.get(ObjectKey("locks", name))))
-            out[name] = rec
+            let bytes: [UInt8]
+            do {
+                bytes = try store.get(ObjectKey("locks", name))
+            } catch let e as CairnError where e.code == .notFound {
+                continue
+            }
+            out[name] = try? JSONDecoder().decode(LockRecord.self, from: Data(bytes))
         }
         return out
     }
@@ -102,6 +108,8 @@ extension Repository {
         var rnd = [UInt8](repeating: 0, count: 8)
         for i in rnd.indices { rnd[i] = UInt8.random(in: 0...255) }
         let id = hexString(rnd)
+        // Temporary files of this process carry the lock id from the start.
+        store.setTemporaryOwner(id)
         let now = timestamp()
         let rec = LockRecord(version: 1, kind: exclusive ? "exclusive" : "shared", host: hostName(), pid: getpid(),
                              time: now, heartbeat: now, job: job)
@@ -109,13 +117,11 @@ extension Repository {
         try store.barrier()
         let lock = RepositoryLock(id: id, exclusive: exclusive, repository: self, record: rec)
 
-        var live: Set<String> = [id]
         for (name, other) in try readLocks() where name != id {
             if let other, Repository.isStale(other) {
                 try? store.delete(ObjectKey("locks", name))
                 continue
             }
-            live.insert(name)
             let otherExclusive = other?.kind != "shared"
             if exclusive || otherExclusive {
                 lock.release()
@@ -124,8 +130,9 @@ extension Repository {
                                  hint: "wait for that job to finish; if it is dead, remove the lock file")
             }
         }
-        store.setTemporaryOwner(id)
-        try store.removeStaleTemporaries(liveOwners: live)
+        try store.removeStaleTemporaries { [self] in
+            Set(try readLocks().filter { name, rec in name == id || rec.map { !Repository.isStale($0) } ?? true }.keys)
+        }
         lock.startHeartbeat()
         return lock
     }

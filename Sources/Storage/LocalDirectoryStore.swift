@@ -44,7 +44,11 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
 
     private func ensureDirectory(_ dir: String) throws {
         if createdDirectories.withLock({ $0.contains(dir) }) { return }
-        if mkdir(dir, 0o755) != 0 && errno != EEXIST {
+        if mkdir(dir, 0o755) == 0 {
+            // A new directory's entry lives in its parent: sync that at the next barrier.
+            let parent = String(dir[..<(dir.lastIndex(of: "/") ?? dir.endIndex)])
+            dirtyDirectories.withLock { _ = $0.insert(parent) }
+        } else if errno != EEXIST {
             if errno == ENOENT {
                 // Parent missing (a namespace directory): create it first.
                 let parent = String(dir[..<(dir.lastIndex(of: "/") ?? dir.endIndex)])
@@ -58,13 +62,22 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
         createdDirectories.withLock { _ = $0.insert(dir) }
     }
 
+    /// Namespaces whose temporary files live beside them as dot files instead of in `tmp/`:
+    /// a lock file is written before its owner exists, so `tmp/` cleanup must never see it.
+    package static let inPlaceTemporaryNamespaces: Set<String> = ["locks"]
+
     package func put(_ key: ObjectKey, _ bytes: UnsafeRawBufferPointer) throws {
         let dir = directory(for: key)
         try ensureDirectory(dir)
-        let tmpDir = "\(root)/tmp"
-        try ensureDirectory(tmpDir)
-        let owner = tmpOwner.withLock { $0 }
-        let tmp = "\(tmpDir)/\(owner).\(UInt64.random(in: 0...UInt64.max))"
+        let tmp: String
+        if LocalDirectoryStore.inPlaceTemporaryNamespaces.contains(key.namespace) {
+            tmp = "\(dir)/.tmp-\(UInt64.random(in: 0...UInt64.max))"
+        } else {
+            let tmpDir = "\(root)/tmp"
+            try ensureDirectory(tmpDir)
+            let owner = tmpOwner.withLock { $0 }
+            tmp = "\(tmpDir)/\(owner).\(UInt64.random(in: 0...UInt64.max))"
+        }
         let file = try PosixFile(path: tmp, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o444)
         do {
             try file.pwrite(bytes, at: 0)
@@ -178,14 +191,20 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
         }
     }
 
-    /// Removes temporary files whose owner is not in `liveOwners` (left by killed processes).
-    /// Returns how many were removed.
+    /// Removes temporary files left by dead processes. Returns how many were removed.
+    ///
+    /// `tmp/` is listed *before* `liveOwners()` is asked: a process creates temporary files only
+    /// after its lock exists, so every file in that listing whose owner is missing from the
+    /// later lock listing belongs to a process that is gone (or has released its lock).
     @discardableResult
-    package func removeStaleTemporaries(liveOwners: Set<String>) throws -> Int {
+    package func removeStaleTemporaries(liveOwners: () throws -> Set<String>) throws -> Int {
         var removed = 0
-        for name in try listDirectory("\(root)/tmp") {
+        let names = try listDirectory("\(root)/tmp")
+        if names.isEmpty { return 0 }
+        let live = try liveOwners()
+        for name in names {
             let owner = String(name.prefix(while: { $0 != "." }))
-            if !liveOwners.contains(owner) {
+            if !live.contains(owner) {
                 if unlink("\(root)/tmp/\(name)") == 0 { removed += 1 }
             }
         }

@@ -60,6 +60,10 @@ struct Restore: ParsableCommand {
         if exists && !overwrite {
             throw CairnError(.usage, "target exists", path: to, hint: "pass --overwrite to write onto it in place, or choose a new path")
         }
+        // Signals are caught before the target exists, so an interrupt always removes it.
+        let cancel = CancellationToken()
+        let signals = installSignalHandlers(cancel)
+        defer { signals.forEach { $0.cancel() } }
         let sink: any BlockSink
         if exists {
             sink = try FileBlockSink(path: to, size: chosen.virtualSize, create: false)
@@ -69,9 +73,6 @@ struct Restore: ParsableCommand {
         } else {
             sink = try FileBlockSink(path: to, size: chosen.virtualSize, create: true)
         }
-        let cancel = CancellationToken()
-        let signals = installSignalHandlers(cancel)
-        defer { signals.forEach { $0.cancel() } }
         let started = Date()
         do {
             try RestoreJob(repository: repo, snapshot: snap, disk: chosen, sink: sink, progress: options.progress(), cancel: cancel,

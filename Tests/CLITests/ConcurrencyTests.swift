@@ -8,21 +8,6 @@ import Glibc
 
 @Suite("CLI concurrency")
 struct ConcurrencyTests {
-    static let lockRaceBug: Comment = """
-        BUG (Repository.lock / LocalDirectoryStore): jobs starting together on one repository fail. \
-        (a) the lock file is written through tmp/anon.* before setTemporaryOwner, and another job's \
-        removeStaleTemporaries deletes it: "locks/<id>: rename failed: No such file or directory"; \
-        (b) readLocks turns a lock released between list and get into nil, which lock() treats as \
-        exclusive: "repository is locked: an unreadable lock" (exit 11) between two shared jobs.
-        """
-
-    /// The two failure modes of the lock race described in `lockRaceBug`.
-    static func isKnownLockRace(_ r: CLIResult) -> Bool {
-        guard r.exitedNormally else { return false }
-        return (r.status == 1 && r.stderr.contains("/locks/") && r.stderr.contains("rename failed: No such file or directory"))
-            || (r.status == 11 && r.stderr.contains("repository is locked: an unreadable lock"))
-    }
-
     @Test("many shared jobs starting at the same moment all get their lock")
     func lockStorm() throws {
         let env = try CLIEnv("cli-storm", password: nil)
@@ -30,21 +15,15 @@ struct ConcurrencyTests {
         let disk = env.file("d.raw")
         try Disk.dense(disk, size: 1 * MiB, seed: 98)
         try env.expect(0, ["backup", "--vm", "s", disk])
-        var raced: [CLIResult] = []
-        var total = 0
+        var failed: [CLIResult] = []
         for _ in 0..<6 {
             let running = try (0..<6).map { _ in try env.cli.start(["check"]) }
             for p in running {
                 let r = p.wait(timeout: 60)
-                total += 1
-                if r.exitedNormally && r.status == 0 { continue }
-                if Self.isKnownLockRace(r) { raced.append(r) } else { Issue.record("a shared job failed: \(r)") }
+                if !(r.exitedNormally && r.status == 0) { failed.append(r) }
             }
         }
-        print("lock storm: \(raced.count) of \(total) shared jobs lost the lock race")
-        withKnownIssue(Self.lockRaceBug, isIntermittent: true) {
-            #expect(raced.isEmpty, "\(raced.count) of \(total) jobs failed, e.g. \(raced.first.map { $0.stderr } ?? "")")
-        }
+        #expect(failed.isEmpty, "\(failed.count) of 36 shared jobs failed to get their lock, e.g. \(failed.first.map { "\($0)" } ?? "")")
         // Whatever happened, nothing is left behind and the repository is intact.
         #expect(env.repoFiles("locks").isEmpty, "\(env.repoFiles("locks"))")
         #expect(env.repoFiles("tmp").isEmpty, "\(env.repoFiles("tmp"))")
@@ -71,15 +50,7 @@ struct ConcurrencyTests {
         let running = try jobs.map { try env.cli.start($0) }
         for (args, p) in zip(jobs, running) {
             let r = p.wait(timeout: 120)
-            if r.exitedNormally && r.status == 0 { continue }
-            if Self.isKnownLockRace(r) {
-                // The lock-taking race below hit this job; run it again on its own so the rest
-                // of the test still checks what two racing backups stored.
-                withKnownIssue(Self.lockRaceBug, isIntermittent: true) { Issue.record("\(r)") }
-                try env.expect(0, args)
-            } else {
-                Issue.record("concurrent job failed: \(r)")
-            }
+            #expect(r.exitedNormally && r.status == 0, "concurrent job \(args) failed: \(r)")
         }
 
         let snaps = try env.snapshots()

@@ -101,8 +101,6 @@ struct DurabilityTests {
         }
         #expect(created.count >= 2, "the backup created fan-out directories: \(created)")
         let unsynced = created.filter { i, d in !synced(Self.parent(d), in: i..<manifestAt) }.map(\.1)
-        withKnownIssue("BUG: LocalDirectoryStore.ensureDirectory never marks the parent (chunks/, indexes/) dirty when mkdir succeeds at once") {
-            #expect(unsynced.isEmpty, "\(unsynced.count) of \(created.count) new directories have no synced parent before the manifest, e.g. \(unsynced.prefix(3))")
-        }
+        #expect(unsynced.isEmpty, "\(unsynced.count) of \(created.count) new directories have no synced parent before the manifest, e.g. \(unsynced.prefix(3))")
     }
 }

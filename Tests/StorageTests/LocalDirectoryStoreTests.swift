@@ -33,7 +33,7 @@ import Testing
         try FileManager.default.createDirectory(atPath: "\(dir.path)/tmp", withIntermediateDirectories: true)
         _ = FileManager.default.createFile(atPath: "\(dir.path)/tmp/deadbeef.123", contents: Data([1]))
         _ = FileManager.default.createFile(atPath: "\(dir.path)/tmp/live0001.456", contents: Data([1]))
-        let removed = try store.removeStaleTemporaries(liveOwners: ["live0001"])
+        let removed = try store.removeStaleTemporaries { ["live0001"] }
         #expect(removed == 1)
         #expect(try store.listDirectory("\(dir.path)/tmp") == ["live0001.456"])
     }
