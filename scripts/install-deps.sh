@@ -7,6 +7,7 @@ packages=(
   libzstd-dev zlib1g-dev pkg-config   # build: zstd and zlib (qcow2 deflate clusters)
   qemu-utils                          # qemu-img / qemu-io: the referee for disk formats
   e2fsprogs fdisk                     # mke2fs -d, e2fsck, debugfs, sfdisk: guest fixtures
+  strace                              # the write-order test watches the syscalls of a backup
 )
 
 missing=()
