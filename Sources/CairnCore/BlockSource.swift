@@ -75,6 +75,14 @@ public protocol BlockSink: Sendable {
     func writeZeroes(at offset: UInt64, length: UInt64) throws
     /// Makes everything written durable and finishes the format's metadata.
     func finish() throws
+
+    /// True for formats that must be written front to back (VMDK streamOptimized): the
+    /// restore then hands over chunks in ascending offset order, one at a time.
+    var requiresSequentialWrites: Bool { get }
+}
+
+extension BlockSink {
+    public var requiresSequentialWrites: Bool { false }
 }
 
 /// A growable file that format writers (qcow2, VMDK...) write into by position.

@@ -4,12 +4,40 @@ import CairnCore
 package enum ImageFormat: String, Sendable, CaseIterable {
     case raw
     case qcow2
+    /// VMware: a sparse extent ("KDMV") or a text descriptor naming extents.
+    case vmdk
+    /// Microsoft Virtual PC / Hyper-V VHD (qemu's "vpc"): fixed, dynamic, differencing.
+    case vhd
+    /// Hyper-V VHDX.
+    case vhdx
 
-    /// Detects the format from the first bytes of `source`: the qcow2 magic "QFI\xfb" at
-    /// offset 0 means qcow2; anything else (including a source shorter than 4 bytes) is raw.
+    /// Detects the format from the header (or, for a fixed VHD, the footer in the last 512
+    /// bytes, accepted only when its checksum is right). Anything else is raw. With
+    /// `--format raw` nothing is probed at all.
     package static func detect(_ source: any BlockSource) throws -> ImageFormat {
-        guard source.size >= UInt64(QCOW2.magicBytes.count) else { return .raw }
-        let head = try source.readBytes(at: 0, count: QCOW2.magicBytes.count)
-        return head == QCOW2.magicBytes ? .qcow2 : .raw
+        let size = source.size
+        if size >= 8 {
+            let head = try source.readBytes(at: 0, count: Int(min(size, 64)))
+            if head.starts(with: QCOW2.magicBytes) { return .qcow2 }
+            if head.starts(with: Array("KDMV".utf8)) { return .vmdk }
+            if head.starts(with: Array("vhdxfile".utf8)) { return .vhdx }
+            if head.starts(with: Array("conectix".utf8)) { return .vhd }
+            if head.starts(with: Array("# Disk DescriptorFile".utf8)) { return .vmdk }
+        }
+        if size >= 512 {
+            let tail = try source.readBytes(at: size - 512, count: 512)
+            if tail.starts(with: Array("conectix".utf8)), vhdFooterChecksumIsValid(tail) { return .vhd }
+        }
+        return .raw
+    }
+
+    /// VHD footer checksum: the ones' complement of the byte sum of the footer with the
+    /// checksum field (offset 64, 4 bytes, big-endian) taken as zero.
+    package static func vhdFooterChecksumIsValid(_ footer: [UInt8]) -> Bool {
+        guard footer.count >= 512 else { return false }
+        var sum: UInt32 = 0
+        for (i, b) in footer.prefix(512).enumerated() where !(64..<68).contains(i) { sum &+= UInt32(b) }
+        let stored = UInt32(footer[64]) << 24 | UInt32(footer[65]) << 16 | UInt32(footer[66]) << 8 | UInt32(footer[67])
+        return ~sum == stored
     }
 }

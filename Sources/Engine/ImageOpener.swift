@@ -29,6 +29,9 @@ package enum ImageOpener {
             }
             let image = try QCOW2Image(file: file, backing: below)
             return OpenedImage(source: image, format: .qcow2, path: path)
+        case .vmdk, .vhd, .vhdx:
+            throw CairnError(.unsupported, "\(format.rawValue) images are recognized but not read yet", path: path,
+                             hint: "convert with qemu-img convert -O qcow2 first")
         }
     }
 }
