@@ -39,7 +39,9 @@ struct Restore: ParsableCommand {
     var workers: Int?
 
     func run() throws {
-        guard let fmt = ImageFormat(rawValue: format) else { throw CairnError(.usage, "unknown format '\(format)'", hint: "use raw or qcow2") }
+        guard let fmt = ImageFormat(rawValue: format), fmt == .raw || fmt == .qcow2 else {
+            throw CairnError(.usage, "cannot restore to format '\(format)'", hint: "use raw or qcow2")
+        }
         let repo = try options.open()
         let codec = repo.makeCodec()
         let snap = try repo.resolveSnapshot(snapshot, vm: vm, codec: codec)
