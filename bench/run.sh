@@ -76,8 +76,8 @@ LOGS=$LOGS_ROOT
 
 CAIRN=$REPO_ROOT/.build-bench/release/cairn
 if has_tool cairn; then
-    log "building cairn (swift build -c release --scratch-path .build-bench)"
-    if ! (cd "$REPO_ROOT" && swift build -c release --scratch-path .build-bench) >"$LOGS/cairn-build.log" 2>&1; then
+    log "building cairn (swift build -c release --static-swift-stdlib --scratch-path .build-bench)"
+    if ! (cd "$REPO_ROOT" && swift build -c release --static-swift-stdlib --scratch-path .build-bench) >"$LOGS/cairn-build.log" 2>&1; then
         tail -n 20 "$LOGS/cairn-build.log" >&2
         note "Cairn skipped: the release build failed (see logs/cairn-build.log)."
         BENCH_TOOLS=${BENCH_TOOLS//cairn/}

@@ -11,8 +11,8 @@ scripts/install-deps.sh
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "building cairn (release)"
-swift build -c release 2>&1 | grep -E "error|warning: unre|Compiling cairn|Build complete" || true
-CAIRN="$(swift build -c release --show-bin-path)/cairn"
+swift build -c release --static-swift-stdlib 2>&1 | grep -E "error|warning: unre|Compiling cairn|Build complete" || true
+CAIRN="$(swift build -c release --static-swift-stdlib --show-bin-path)/cairn"
 [ -x "$CAIRN" ] || { echo "build failed" >&2; exit 1; }
 
 WORK="$ROOT/demo-work"

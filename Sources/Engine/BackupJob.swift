@@ -106,6 +106,7 @@ package final class BackupJob: @unchecked Sendable {
         defer { lock.release() }
 
         let known = ChunkSet(try repository.listChunkIDs())
+        Trace.mark("backup: locked, \(repository.chunkSize) B chunks, chunk list read")
         let total = disks.reduce(UInt64(0)) { $0 + $1.source.size }
         let counters = Counters()
         let ticker = ProgressTicker { [progress, counters] in
@@ -133,6 +134,7 @@ package final class BackupJob: @unchecked Sendable {
                     bytesStored: counters.stored.load(ordering: .relaxed) - before.4))
             }
         }
+        Trace.mark("backup: chunks stored")
         try cancel.check()
         // Chunks are durable (fdatasync per put); make their names durable before any index
         // refers to them.
@@ -146,6 +148,7 @@ package final class BackupJob: @unchecked Sendable {
         let manifest = Manifest(vm: vm, time: timestamp(started), host: hostName(), tags: tags, toolVersion: toolVersion,
                                 chunkSize: repository.chunkSize, disks: manifestDisks)
         let id = try repository.writeManifest(manifest, codec: codec)
+        Trace.mark("backup: indexes and manifest written")
         progress.finish(ProgressSnapshot(phase: "backup", doneBytes: total, totalBytes: total,
                                          readBytes: counters.read.load(ordering: .relaxed), newBytes: counters.new.load(ordering: .relaxed),
                                          elapsedSeconds: Date().timeIntervalSince(started)))
@@ -156,6 +159,7 @@ package final class BackupJob: @unchecked Sendable {
         let chunkSize = repository.chunkSize
         let source = disk.source
         let plan = try ReadPlan.make(source: source, chunkSize: chunkSize, changed: disk.changedRanges, base: disk.base)
+        Trace.mark("backup: disk \(disk.name) planned, \(plan.toRead.count) of \(plan.chunkCount) chunks to read")
         let slots = SharedSlots<CairnCore.Digest>(count: plan.chunkCount, initial: .zero)
         let template = DiskIndex(virtualSize: source.size, chunkSize: chunkSize, entries: [])
         for (i, d) in plan.known {

@@ -33,6 +33,7 @@ package final class RestoreJob: @unchecked Sendable {
             throw CairnError(.corrupt, "snapshot \(snapshot.id.hex) disk \(disk.name) has an invalid index id '\(disk.index)'")
         }
         let index = try repository.loadIndex(indexID, codec: codec)
+        Trace.mark("restore: index loaded, \(index.entries.count) entries")
         guard index.virtualSize == disk.virtualSize else {
             throw CairnError(.corrupt, "index \(indexID.hex) covers \(index.virtualSize) bytes, the manifest says \(disk.virtualSize)")
         }
@@ -77,7 +78,9 @@ package final class RestoreJob: @unchecked Sendable {
                 counters.done.add(UInt64(len), ordering: .relaxed)
             }
         }
+        Trace.mark("restore: chunks written")
         try sink.finish()
+        Trace.mark("restore: target synced")
         progress.finish(ProgressSnapshot(phase: "restore", doneBytes: total, totalBytes: total,
                                          readBytes: counters.read.load(ordering: .relaxed), elapsedSeconds: Date().timeIntervalSince(started)))
     }

@@ -25,6 +25,7 @@ struct Cairn: ParsableCommand {
     )
 
     static func main() {
+        Trace.mark("start")
         tuneMallocForLargeBuffers()
         signal(SIGPIPE, SIG_IGN)
         do {
@@ -79,7 +80,9 @@ struct RepositoryOptions: ParsableArguments {
 
     func open() throws -> Repository {
         let path = try repositoryPath()
-        return try Repository.open(path: path) { try password() }
+        let repo = try Repository.open(path: path) { try password() }
+        Trace.mark("repository open (key unwrapped)")
+        return repo
     }
 
     func progress() -> TerminalProgress { TerminalProgress(json: json, quiet: quiet) }
