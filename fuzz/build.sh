@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets in fuzz/targets/ with AddressSanitizer and coverage:
+#
+#   fuzz/build.sh [TARGET...]      (default: every fuzz/targets/*.swift)
+#
+# The parsers under test (CairnCore + DiskFormats) are compiled as modules with
+# -sanitize=fuzzer,address (coverage instrumentation, no main); each target file is linked
+# with libFuzzer's main. Outputs: fuzz/work/bin/<target>. Needs only the Swift toolchain and
+# the Debian packages libzstd-dev and zlib1g-dev.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=$ROOT/fuzz/work/build
+BIN=$ROOT/fuzz/work/bin
+mkdir -p "$OUT/CLinuxShims" "$BIN"
+
+SAN=(-sanitize=fuzzer,address -parse-as-library -O -g -package-name Cairn -swift-version 6)
+INC=(-I "$OUT" -I "$ROOT/Sources/CZlib" -I "$ROOT/Sources/CZstd" -I "$OUT/CLinuxShims")
+
+# The C shims CairnCore imports, with a module map of our own (SwiftPM makes one when it builds).
+cat >"$OUT/CLinuxShims/module.modulemap" <<MAP
+module CLinuxShims {
+    header "$ROOT/Sources/CLinuxShims/include/CLinuxShims.h"
+    export *
+}
+MAP
+clang -c -O1 -fsanitize=address -I "$ROOT/Sources/CLinuxShims/include" \
+    "$ROOT/Sources/CLinuxShims/shims.c" -o "$OUT/shims.o"
+
+module() {  # module NAME SOURCES...
+    local name=$1; shift
+    swiftc "${SAN[@]}" "${INC[@]}" -module-name "$name" -wmo -emit-module \
+        -emit-module-path "$OUT/$name.swiftmodule" -c "$@" -o "$OUT/$name.o"
+}
+module CairnCore "$ROOT"/Sources/CairnCore/*.swift
+module DiskFormats "$ROOT"/Sources/DiskFormats/*.swift
+
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then
+    for f in "$ROOT"/fuzz/targets/*.swift; do targets+=("$(basename "$f" .swift)"); done
+fi
+for t in "${targets[@]}"; do
+    swiftc "${SAN[@]}" "${INC[@]}" -module-name "fuzz_$t" "$ROOT/fuzz/targets/$t.swift" \
+        "$OUT/CairnCore.o" "$OUT/DiskFormats.o" "$OUT/shims.o" -lz -lzstd -o "$BIN/$t" 2>&1 \
+        | grep -v "Cannot export local symbol '__asan" >&2 || true
+    [ -x "$BIN/$t" ] || { echo "fuzz target $t did not build" >&2; exit 1; }
+    echo "built fuzz/work/bin/$t"
+done
