@@ -47,6 +47,9 @@ package final class RestoreJob: @unchecked Sendable {
         let next = Atomic<Int>(0)
         let repository = self.repository, sink = self.sink, cancel = self.cancel, disk = self.disk, snapshot = self.snapshot
         let entries = index.entries
+        // Formats written front to back (VMDK streamOptimized) get their chunks in order: the
+        // workers still fetch and decode in parallel, then wait their turn to write.
+        let order: WriteOrder? = sink.requiresSequentialWrites ? WriteOrder(cancel: cancel) : nil
         try runWorkers(count: min(workers, max(1, entries.count)), stop: cancel) { _ in
             let codec = repository.makeCodec()
             let buffer = allocateBuffer(index.chunkSize)
@@ -60,7 +63,9 @@ package final class RestoreJob: @unchecked Sendable {
                 let len = index.length(ofChunk: i)
                 let id = entries[i]
                 if id.isZero {
+                    try order?.waitForTurn(i)
                     try sink.writeZeroes(at: offset, length: UInt64(len))
+                    order?.done(i)
                 } else {
                     let n: Int
                     do {
@@ -72,7 +77,9 @@ package final class RestoreJob: @unchecked Sendable {
                     guard n == len else {
                         throw CairnError(.corrupt, "chunk \(id.hex) holds \(n) bytes, position \(i) of disk \(disk.name) needs \(len)")
                     }
+                    try order?.waitForTurn(i)
                     try sink.write(UnsafeRawBufferPointer(rebasing: buffer[0..<len]), at: offset)
+                    order?.done(i)
                     counters.read.add(UInt64(len), ordering: .relaxed)
                 }
                 counters.done.add(UInt64(len), ordering: .relaxed)
@@ -83,5 +90,32 @@ package final class RestoreJob: @unchecked Sendable {
         Trace.mark("restore: target synced")
         progress.finish(ProgressSnapshot(phase: "restore", doneBytes: total, totalBytes: total,
                                          readBytes: counters.read.load(ordering: .relaxed), elapsedSeconds: Date().timeIntervalSince(started)))
+    }
+}
+
+/// Hands out turns to write in ascending chunk order. Workers take positions in ascending order,
+/// so the one holding the lowest unwritten position always proceeds: no deadlock, and at most
+/// one chunk per worker waits in memory.
+final class WriteOrder: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var next = 0
+    private let cancel: CancellationToken
+
+    init(cancel: CancellationToken) { self.cancel = cancel }
+
+    func waitForTurn(_ i: Int) throws {
+        condition.lock()
+        defer { condition.unlock() }
+        while next != i {
+            if cancel.isCancelled { throw CairnError(.interrupted, "interrupted") }
+            _ = condition.wait(until: Date(timeIntervalSinceNow: 0.2))
+        }
+    }
+
+    func done(_ i: Int) {
+        condition.lock()
+        next = i + 1
+        condition.broadcast()
+        condition.unlock()
     }
 }
