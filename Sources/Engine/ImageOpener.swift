@@ -29,9 +29,28 @@ package enum ImageOpener {
             }
             let image = try QCOW2Image(file: file, backing: below)
             return OpenedImage(source: image, format: .qcow2, path: path)
-        case .vmdk, .vhd, .vhdx:
-            throw CairnError(.unsupported, "\(format.rawValue) images are recognized but not read yet", path: path,
-                             hint: "convert with qemu-img convert -O qcow2 first")
+        case .vmdk:
+            guard backing.isEmpty else {
+                throw CairnError(.usage, "--backing is not supported for VMDK disks", path: path,
+                                 hint: "convert the child and its parent into one image with qemu-img convert first")
+            }
+            // Extent files named by a descriptor are opened only as plain names in the
+            // descriptor's own directory (VMDKImage refuses anything else before asking).
+            let directory = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
+            let image = try VMDKImage(file: file) { name in
+                guard !name.isEmpty, !name.contains("/"), name != ".", name != ".." else {
+                    throw CairnError(.malformedImage, "descriptor extent '\(name)' is not a plain file name", path: path)
+                }
+                return try FileBlockSource(path: "\(directory)/\(name)")
+            }
+            return OpenedImage(source: image, format: .vmdk, path: path)
+        case .vhd, .vhdx:
+            var parent: (any BlockSource)?
+            if let first = backing.first {
+                parent = try open(path: first, format: nil, backing: Array(backing.dropFirst())).source
+            }
+            let image: any BlockSource = format == .vhd ? try VHDImage(file: file, parent: parent) : try VHDXImage(file: file, parent: parent)
+            return OpenedImage(source: image, format: format, path: path)
         }
     }
 }

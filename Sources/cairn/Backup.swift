@@ -9,7 +9,7 @@ import RepositoryFormat
 struct Backup: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Back up VM disk images into one snapshot.",
-        discussion: "DISK is NAME=PATH or PATH (the disk is then named after its file name). Raw files, block devices and qcow2 images; the format is detected from the header unless --format is given."
+        discussion: "DISK is NAME=PATH or PATH (the disk is then named after its file name). Raw files, block devices, qcow2, VMDK (descriptor or sparse extent), VHD and VHDX images; the format is detected from the header unless --format is given."
     )
 
     @OptionGroup var options: RepositoryOptions
@@ -20,10 +20,10 @@ struct Backup: ParsableCommand {
     @Option(name: .customLong("tag"), help: "A tag for the snapshot (repeatable).")
     var tags: [String] = []
 
-    @Option(help: "Force the image format of every disk (raw or qcow2); raw is never probed.")
+    @Option(help: "Force the image format of every disk (raw, qcow2, vmdk, vhd, vhdx); raw is never probed.")
     var format: String?
 
-    @Option(name: .customLong("backing"), help: "Backing file of a qcow2 disk, [DISK=]PATH, nearest first (repeatable). Never read from the image itself.")
+    @Option(name: .customLong("backing"), help: "Backing file (qcow2) or parent (VHD/VHDX differencing) of a disk, [DISK=]PATH, nearest first (repeatable). Never read from the image itself.")
     var backing: [String] = []
 
     @Option(help: "Worker threads (default: two per core).")
@@ -40,7 +40,7 @@ struct Backup: ParsableCommand {
     func run() throws {
         var forced: ImageFormat?
         if let format {
-            guard let f = ImageFormat(rawValue: format) else { throw CairnError(.usage, "unknown format '\(format)'", hint: "use raw or qcow2") }
+            guard let f = ImageFormat(rawValue: format) else { throw CairnError(.usage, "unknown format '\(format)'", hint: "use raw, qcow2, vmdk, vhd or vhdx") }
             forced = f
         }
         var specs: [(name: String, path: String)] = []

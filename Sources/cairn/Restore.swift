@@ -29,8 +29,11 @@ struct Restore: ParsableCommand {
     @Option(help: "Target path: a new file, or an existing file/block device with --overwrite.")
     var to: String
 
-    @Option(help: "raw (sparse) or qcow2; ignored for an existing target, which is written raw in place.")
+    @Option(help: "raw (sparse), qcow2, vmdk, vhd (dynamic) or vhdx (dynamic); an existing target is written raw in place.")
     var format = "raw"
+
+    @Option(help: "VMDK subformat: streamOptimized (default, what vSphere imports) or monolithicSparse.")
+    var subformat: String?
 
     @Flag(help: "Write onto an existing file or block device.")
     var overwrite = false
@@ -39,8 +42,15 @@ struct Restore: ParsableCommand {
     var workers: Int?
 
     func run() throws {
-        guard let fmt = ImageFormat(rawValue: format), fmt == .raw || fmt == .qcow2 else {
-            throw CairnError(.usage, "cannot restore to format '\(format)'", hint: "use raw or qcow2")
+        guard let fmt = ImageFormat(rawValue: format) else {
+            throw CairnError(.usage, "cannot restore to format '\(format)'", hint: "use raw, qcow2, vmdk, vhd or vhdx")
+        }
+        if let subformat, fmt != .vmdk {
+            throw CairnError(.usage, "--subformat \(subformat) applies to --format vmdk only")
+        }
+        let vmdkSubformat = subformat ?? "streamOptimized"
+        guard ["streamOptimized", "monolithicSparse"].contains(vmdkSubformat) else {
+            throw CairnError(.usage, "unknown VMDK subformat '\(vmdkSubformat)'", hint: "use streamOptimized (what vSphere imports) or monolithicSparse")
         }
         let repo = try options.open()
         let codec = repo.makeCodec()
@@ -69,11 +79,23 @@ struct Restore: ParsableCommand {
         let sink: any BlockSink
         if exists {
             sink = try FileBlockSink(path: to, size: chosen.virtualSize, create: false)
-        } else if fmt == .qcow2 {
-            let file = try PosixFile(path: to, flags: O_RDWR | O_CREAT | O_EXCL)
-            sink = try QCOW2Writer(file: file, virtualSize: chosen.virtualSize)
-        } else {
+        } else if fmt == .raw {
             sink = try FileBlockSink(path: to, size: chosen.virtualSize, create: true)
+        } else {
+            let file = try PosixFile(path: to, flags: O_RDWR | O_CREAT | O_EXCL)
+            do {
+                switch fmt {
+                case .qcow2: sink = try QCOW2Writer(file: file, virtualSize: chosen.virtualSize)
+                case .vmdk where vmdkSubformat == "monolithicSparse": sink = try VMDKSparseWriter(file: file, virtualSize: chosen.virtualSize)
+                case .vmdk: sink = try VMDKStreamOptimizedWriter(file: file, virtualSize: chosen.virtualSize)
+                case .vhd: sink = try VHDDynamicWriter(file: file, virtualSize: chosen.virtualSize)
+                case .vhdx: sink = try VHDXDynamicWriter(file: file, virtualSize: chosen.virtualSize)
+                case .raw: fatalError("handled above")
+                }
+            } catch {
+                unlink(to)
+                throw error
+            }
         }
         let started = Date()
         do {
