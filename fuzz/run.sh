@@ -4,8 +4,9 @@
 #   fuzz/run.sh [--seconds N] [TARGET...]     (default: 60 s per target, every target)
 #
 # Seeds are made fresh with qemu-img (fuzz/seeds.sh); the corpus grows in fuzz/work/corpus/<t>.
-# A crash leaves fuzz/work/crashes/<t>/crash-*; the script then exits 1. Turn every crash into a
-# regression test in Tests/DiskFormatsTests before fixing it.
+# A crash leaves fuzz/work/crashes/<t>/crash-*; the script then exits 1. Copy every crash into
+# fuzz/regressions/<t>/ (Tests/DiskFormatsTests/FuzzRegressionTests replays them) and fix it;
+# the regressions also seed every later run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER=60
@@ -24,7 +25,8 @@ for t in "${targets[@]}"; do
     mkdir -p "$corpus" "$crashes"
     log=fuzz/work/$t.log
     # -rss_limit_mb bounds a parser that allocates from a header field; -timeout catches hangs.
-    if ASAN_OPTIONS=detect_leaks=0 "fuzz/work/bin/$t" "$corpus" "fuzz/work/seeds/$t" \
+    mkdir -p "fuzz/regressions/$t"
+    if ASAN_OPTIONS=detect_leaks=0 "fuzz/work/bin/$t" "$corpus" "fuzz/work/seeds/$t" "fuzz/regressions/$t" \
         -max_total_time="$SECONDS_PER" -max_len=1048576 -timeout=10 -rss_limit_mb=2048 \
         -artifact_prefix="$crashes/" -print_final_stats=1 >"$log" 2>&1; then
         runs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}')

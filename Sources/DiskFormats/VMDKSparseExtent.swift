@@ -166,9 +166,16 @@ final class VMDKSparseExtent: Sendable {
     /// Every grain table inside the file, outside the header and the directory, and no two
     /// tables overlapping (which would map two guest ranges to the same grains).
     private static func checkTables(_ directory: [UInt32], header h: VMDKSparseHeader, fileSize: UInt64, path: String) throws {
+        guard !directory.isEmpty else { return }
         let tableBytes = UInt64(h.numGTEsPerGT) * 4
-        let gdStart = h.gdOffset * VMDK.sectorSize
-        let gdEnd = gdStart + UInt64(directory.count) * 4
+        // Header fields are untrusted: every product is checked (found by fuzzing: a huge
+        // gdOffset overflowed here).
+        let (gdStart, overflow) = h.gdOffset.multipliedReportingOverflow(by: VMDK.sectorSize)
+        let (gdEnd, overflow2) = gdStart.addingReportingOverflow(UInt64(directory.count) * 4)
+        guard !overflow, !overflow2, gdEnd <= fileSize else {
+            throw CairnError(.malformedImage, "VMDK grain directory at sector \(h.gdOffset) lies past the end of the file (size \(fileSize))",
+                             path: path, offset: UInt64(VMDK.Field.gdOffset))
+        }
         var tables: [(start: UInt64, index: Int)] = []
         for (index, entry) in directory.enumerated() where entry != 0 {
             let start = UInt64(entry) * VMDK.sectorSize
