@@ -31,8 +31,20 @@ for t in "${targets[@]}"; do
             mk vhd dynamic.vhd -O vpc -o subformat=dynamic
             mk vhd fixed.vhd -O vpc -o subformat=fixed ;;
         vhdx)
-            mk vhdx dynamic.vhdx -O vhdx -o subformat=dynamic,block_size=1M
-            mk vhdx fixed.vhdx -O vhdx -o subformat=fixed ;;
+            # Real images cut into the page list fuzz/targets/vhdx.swift expects.
+            for sub in dynamic fixed; do
+                img=$W/$sub.vhdx
+                [ -f "$img" ] || qemu-img convert -q -f raw "$raw" -O vhdx -o subformat=$sub,block_size=1M "$img"
+                mkdir -p "$S/vhdx"
+                out=$S/vhdx/$sub.pages
+                if [ ! -f "$out" ]; then
+                    : >"$out.tmp"
+                    for off in 0 16 32 48 64 256 512 768 784 1024 1040 1056 1072; do   # in 4 KiB pages
+                        dd if="$img" bs=4096 skip=$off count=1 status=none >>"$out.tmp"
+                    done
+                    mv "$out.tmp" "$out"
+                fi
+            done ;;
         *)
             mkdir -p "$S/$t" ;;
     esac
