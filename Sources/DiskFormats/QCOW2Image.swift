@@ -259,38 +259,18 @@ package final class QCOW2Image: BlockSource, Sendable {
 
     // MARK: - Reading runs
 
-    /// Reads host bytes; bytes past the end of the file (the tail of a last cluster that was
-    /// not fully written) read as zeros, as in QEMU.
+    /// Reads host bytes; bytes past the end of the file read as zeros, as in QEMU.
     private func readHost(into target: UnsafeMutableRawBufferPointer, at host: UInt64) throws {
-        let available = host < fileSize ? Int(min(UInt64(target.count), fileSize - host)) : 0
-        if available > 0 {
-            try file.read(into: UnsafeMutableRawBufferPointer(rebasing: target[0..<available]), at: host)
-        }
-        if available < target.count {
-            UnsafeMutableRawBufferPointer(rebasing: target[available...]).initializeMemory(as: UInt8.self, repeating: 0)
-        }
+        try readZeroExtended(file, into: target, at: host)
     }
 
     /// Unallocated guest bytes: from the backing image, zeros past its end or without one.
     private func readBacking(into target: UnsafeMutableRawBufferPointer, at guestOffset: UInt64) throws {
-        var filled = 0
-        if let backing, guestOffset < backing.size {
-            filled = Int(min(UInt64(target.count), backing.size - guestOffset))
-            try backing.read(into: UnsafeMutableRawBufferPointer(rebasing: target[0..<filled]), at: guestOffset)
-        }
-        if filled < target.count {
-            UnsafeMutableRawBufferPointer(rebasing: target[filled...]).initializeMemory(as: UInt8.self, repeating: 0)
-        }
+        try readZeroExtended(backing, into: target, at: guestOffset)
     }
 
     private func backingExtents(_ start: UInt64, _ length: UInt64) throws -> [Extent] {
-        let end = start + length
-        guard let backing else { return [Extent(offset: start, length: length, kind: .unallocated)] }
-        var out: [Extent] = []
-        let covered = min(end, max(start, backing.size))
-        if covered > start { out += try backing.extents(in: start..<covered) }
-        if covered < end { out.append(Extent(offset: covered, length: end - covered, kind: .unallocated)) }
-        return out
+        try lowerLayerExtents(backing, start, length)
     }
 
     private func readCompressed(_ cluster: CompressedCluster, inCluster: Int, into target: UnsafeMutableRawBufferPointer,
@@ -324,27 +304,5 @@ final class L2Table: Sendable {
     init(entries: [UInt64]) { self.entries = entries }
 }
 
-/// A small least-recently-used cache of L2 tables keyed by file offset.
-struct L2Cache {
-    private var tables: [UInt64: (table: L2Table, stamp: UInt64)] = [:]
-    private var clock: UInt64 = 0
-    let capacity: Int
-
-    init(capacity: Int) { self.capacity = capacity }
-
-    mutating func get(_ offset: UInt64) -> L2Table? {
-        guard let hit = tables[offset] else { return nil }
-        clock += 1
-        tables[offset] = (hit.table, clock)
-        return hit.table
-    }
-
-    mutating func put(_ offset: UInt64, _ table: L2Table) {
-        clock += 1
-        if tables[offset] == nil, tables.count >= capacity,
-           let oldest = tables.min(by: { $0.value.stamp < $1.value.stamp })?.key {
-            tables[oldest] = nil
-        }
-        tables[offset] = (table, clock)
-    }
-}
+/// L2 tables by file offset.
+typealias L2Cache = LRUCache<UInt64, L2Table>

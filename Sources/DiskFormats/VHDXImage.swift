@@ -310,33 +310,14 @@ package final class VHDXImage: BlockSource, Sendable {
 
     /// Reads file bytes; bytes past the end of the file read as zeros.
     private func readHost(into target: UnsafeMutableRawBufferPointer, at host: UInt64) throws {
-        let available = host < fileSize ? Int(min(UInt64(target.count), fileSize - host)) : 0
-        if available > 0 {
-            try file.read(into: UnsafeMutableRawBufferPointer(rebasing: target[0..<available]), at: host)
-        }
-        if available < target.count {
-            UnsafeMutableRawBufferPointer(rebasing: target[available...]).initializeMemory(as: UInt8.self, repeating: 0)
-        }
+        try readZeroExtended(file, into: target, at: host)
     }
 
     private func readParent(into target: UnsafeMutableRawBufferPointer, at guestOffset: UInt64) throws {
-        var filled = 0
-        if let parent, guestOffset < parent.size {
-            filled = Int(min(UInt64(target.count), parent.size - guestOffset))
-            try parent.read(into: UnsafeMutableRawBufferPointer(rebasing: target[0..<filled]), at: guestOffset)
-        }
-        if filled < target.count {
-            UnsafeMutableRawBufferPointer(rebasing: target[filled...]).initializeMemory(as: UInt8.self, repeating: 0)
-        }
+        try readZeroExtended(parent, into: target, at: guestOffset)
     }
 
     private func parentExtents(_ start: UInt64, _ length: UInt64) throws -> [Extent] {
-        let end = start + length
-        guard let parent else { return [Extent(offset: start, length: length, kind: .unallocated)] }
-        var out: [Extent] = []
-        let covered = min(end, max(start, parent.size))
-        if covered > start { out += try parent.extents(in: start..<covered) }
-        if covered < end { out.append(Extent(offset: covered, length: end - covered, kind: .unallocated)) }
-        return out
+        try lowerLayerExtents(parent, start, length)
     }
 }

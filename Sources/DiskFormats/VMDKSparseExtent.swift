@@ -380,27 +380,5 @@ final class VMDKGrainTable: Sendable {
     init(entries: [UInt32]) { self.entries = entries }
 }
 
-/// A small least-recently-used cache of grain tables keyed by their sector.
-struct VMDKGrainTableCache {
-    private var tables: [UInt32: (table: VMDKGrainTable, stamp: UInt64)] = [:]
-    private var clock: UInt64 = 0
-    let capacity: Int
-
-    init(capacity: Int) { self.capacity = capacity }
-
-    mutating func get(_ sector: UInt32) -> VMDKGrainTable? {
-        guard let hit = tables[sector] else { return nil }
-        clock += 1
-        tables[sector] = (hit.table, clock)
-        return hit.table
-    }
-
-    mutating func put(_ sector: UInt32, _ table: VMDKGrainTable) {
-        clock += 1
-        if tables[sector] == nil, tables.count >= capacity,
-           let oldest = tables.min(by: { $0.value.stamp < $1.value.stamp })?.key {
-            tables[oldest] = nil
-        }
-        tables[sector] = (table, clock)
-    }
-}
+/// Grain tables by their sector.
+typealias VMDKGrainTableCache = LRUCache<UInt32, VMDKGrainTable>
