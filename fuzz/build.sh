@@ -40,7 +40,7 @@ if [ ${#targets[@]} -eq 0 ]; then
     for f in "$ROOT"/fuzz/targets/*.swift; do targets+=("$(basename "$f" .swift)"); done
 fi
 for t in "${targets[@]}"; do
-    swiftc "${SAN[@]}" "${INC[@]}" -module-name "fuzz_$t" "$ROOT/fuzz/targets/$t.swift" \
+    swiftc "${SAN[@]}" "${INC[@]}" -module-name "fuzz_$t" "$ROOT/fuzz/targets/$t.swift" "$ROOT"/fuzz/common/*.swift \
         "$OUT/CairnCore.o" "$OUT/DiskFormats.o" "$OUT/shims.o" -lz -lzstd -o "$BIN/$t" 2>&1 \
         | grep -v "Cannot export local symbol '__asan" >&2 || true
     [ -x "$BIN/$t" ] || { echo "fuzz target $t did not build" >&2; exit 1; }
