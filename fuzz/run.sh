@@ -4,6 +4,7 @@
 #   fuzz/run.sh [--seconds N] [TARGET...]     (default: 60 s per target, every target)
 #
 # Seeds are made fresh with qemu-img (fuzz/seeds.sh); the corpus grows in fuzz/work/corpus/<t>.
+# libFuzzer's random seed is FUZZ_SEED (default 1), so a run can be repeated.
 # A crash leaves fuzz/work/crashes/<t>/crash-*; the script then exits 1. Copy every crash into
 # fuzz/regressions/<t>/ (Tests/DiskFormatsTests/FuzzRegressionTests replays them) and fix it;
 # the regressions also seed every later run.
@@ -27,7 +28,7 @@ for t in "${targets[@]}"; do
     # -rss_limit_mb bounds a parser that allocates from a header field; -timeout catches hangs.
     mkdir -p "fuzz/regressions/$t"
     if ASAN_OPTIONS=detect_leaks=0 "fuzz/work/bin/$t" "$corpus" "fuzz/work/seeds/$t" "fuzz/regressions/$t" \
-        -max_total_time="$SECONDS_PER" -max_len=1048576 -timeout=10 -rss_limit_mb=2048 \
+        -max_total_time="$SECONDS_PER" -max_len=1048576 -timeout=10 -rss_limit_mb=2048 -seed="${FUZZ_SEED:-1}" \
         -artifact_prefix="$crashes/" -print_final_stats=1 >"$log" 2>&1; then
         runs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}')
         echo "fuzz $t: ${runs:-?} executions in ${SECONDS_PER}s, no crash"
