@@ -71,7 +71,7 @@ struct ExitStatusTests {
             ["backup", "--vm", "v"],                             // no disk
             ["backup", disk],                                    // no --vm
             ["backup", "--vm", "", disk],
-            ["backup", "--vm", "v", "--format", "vmdk", disk],
+            ["backup", "--vm", "v", "--format", "vdi", disk],
             ["backup", "--vm", "v", "--workers", "many", disk],
             ["restore", "latest"],                               // no --to
             ["restore", "latest", "--to", env.file("o.raw"), "--format", "vdi"],
@@ -82,6 +82,9 @@ struct ExitStatusTests {
             #expect(r.stdoutData.isEmpty || args == ["frobnicate"], "\(r)")
             #expect(!r.stderr.isEmpty, "an explanation on stderr: \(r)")
         }
+        // A known format forced onto the wrong image is a malformed image (1), named clearly.
+        let forced = try env.expect(1, ["backup", "--vm", "v", "--format", "vmdk", disk])
+        #expect(forced.stderr.contains("not a VMDK image"), "\(forced)")
         // No repository given at all.
         var bare = env
         bare.cli.repository = nil
