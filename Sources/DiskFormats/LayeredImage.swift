@@ -54,3 +54,34 @@ struct LRUCache<Key: Hashable, Value> {
         entries[key] = (value, clock)
     }
 }
+
+/// A piece of a reader's mapping (unallocated, zero, stored at a host offset...).
+protocol MappingRun {
+    /// Whether `next`, starting right where `self` (already `length` bytes long) ends, extends
+    /// it: the same kind, and for stored data still contiguous on the host.
+    func isExtended(by next: Self, afterLength length: UInt64) -> Bool
+}
+
+/// Merges a reader's per-cluster (per-grain, per-block) runs into maximal runs before handing
+/// them on, so reads coalesce host I/O and extent maps stay short.
+struct RunCoalescer<Run: MappingRun> {
+    private var start: UInt64 = 0
+    private var length: UInt64 = 0
+    private var pending: Run?
+
+    mutating func add(_ start: UInt64, _ length: UInt64, _ run: Run, _ body: (UInt64, UInt64, Run) throws -> Void) rethrows {
+        if let current = pending, self.start + self.length == start, current.isExtended(by: run, afterLength: self.length) {
+            self.length += length
+            return
+        }
+        try flush(body)
+        self.start = start
+        self.length = length
+        pending = run
+    }
+
+    mutating func flush(_ body: (UInt64, UInt64, Run) throws -> Void) rethrows {
+        if let current = pending { try body(start, length, current) }
+        pending = nil
+    }
+}

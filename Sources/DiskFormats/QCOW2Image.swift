@@ -140,28 +140,8 @@ package final class QCOW2Image: BlockSource, Sendable {
     /// the same kind are merged, data runs only while they stay contiguous on the host,
     /// compressed runs never. An L1 entry of 0 yields its whole range in one step.
     func walk(_ range: Range<UInt64>, _ body: (UInt64, UInt64, Run) throws -> Void) throws {
-        var pendingStart: UInt64 = 0
-        var pendingLength: UInt64 = 0
-        var pendingRun: Run?
-
-        func emit(_ start: UInt64, _ length: UInt64, _ run: Run) throws {
-            if let current = pendingRun, pendingStart + pendingLength == start {
-                switch (current, run) {
-                case (.unallocated, .unallocated), (.zero, .zero):
-                    pendingLength += length
-                    return
-                case (.data(let a), .data(let b)) where a + pendingLength == b:
-                    pendingLength += length
-                    return
-                default:
-                    break
-                }
-            }
-            if let current = pendingRun { try body(pendingStart, pendingLength, current) }
-            pendingStart = start
-            pendingLength = length
-            pendingRun = run
-        }
+        var runs = RunCoalescer<Run>()
+        func emit(_ start: UInt64, _ length: UInt64, _ run: Run) throws { try runs.add(start, length, run, body) }
 
         let l2Span = clusterSize << l2Bits  // guest bytes per L1 entry (at most 2^39)
         var pos = range.lowerBound
@@ -196,7 +176,7 @@ package final class QCOW2Image: BlockSource, Sendable {
                 pos = clusterEnd
             }
         }
-        if let current = pendingRun { try body(pendingStart, pendingLength, current) }
+        try runs.flush(body)
     }
 
     /// Decodes one L2 entry, validating the offsets it holds.
@@ -306,3 +286,13 @@ final class L2Table: Sendable {
 
 /// L2 tables by file offset.
 typealias L2Cache = LRUCache<UInt64, L2Table>
+
+extension QCOW2Image.Run: MappingRun {
+    func isExtended(by next: Self, afterLength length: UInt64) -> Bool {
+        switch (self, next) {
+        case (.unallocated, .unallocated), (.zero, .zero): true
+        case (.data(let a), .data(let b)): a + length == b
+        default: false   // compressed runs never merge
+        }
+    }
+}

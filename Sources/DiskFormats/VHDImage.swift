@@ -198,25 +198,8 @@ package final class VHDImage: BlockSource, Sendable {
             try body(range.lowerBound, range.upperBound - range.lowerBound, .data(host: range.lowerBound))
             return
         }
-        var pendingStart: UInt64 = 0, pendingLength: UInt64 = 0
-        var pendingRun: Run?
-        func emit(_ start: UInt64, _ length: UInt64, _ run: Run) throws {
-            if let current = pendingRun, pendingStart + pendingLength == start {
-                switch (current, run) {
-                case (.absent, .absent):
-                    pendingLength += length
-                    return
-                case (.data(let a), .data(let b)) where a + pendingLength == b:
-                    pendingLength += length
-                    return
-                default: break
-                }
-            }
-            if let current = pendingRun { try body(pendingStart, pendingLength, current) }
-            pendingStart = start
-            pendingLength = length
-            pendingRun = run
-        }
+        var runs = RunCoalescer<Run>()
+        func emit(_ start: UInt64, _ length: UInt64, _ run: Run) throws { try runs.add(start, length, run, body) }
 
         var pos = range.lowerBound
         while pos < range.upperBound {
@@ -246,7 +229,7 @@ package final class VHDImage: BlockSource, Sendable {
                 pos = runEnd
             }
         }
-        if let current = pendingRun { try body(pendingStart, pendingLength, current) }
+        try runs.flush(body)
     }
 
     /// The sector bitmap of block `block`, from the cache or the file.
@@ -325,5 +308,15 @@ struct BitmapCache {
     mutating func put(_ block: Int, _ bitmap: SectorBitmap) {
         if entries.count >= capacity { entries.removeAll(keepingCapacity: true) }
         entries[block] = bitmap
+    }
+}
+
+extension VHDImage.Run: MappingRun {
+    func isExtended(by next: Self, afterLength length: UInt64) -> Bool {
+        switch (self, next) {
+        case (.absent, .absent): true
+        case (.data(let a), .data(let b)): a + length == b
+        default: false
+        }
     }
 }

@@ -210,25 +210,8 @@ package final class VHDXImage: BlockSource, Sendable {
 
     /// Calls `body` for maximal runs covering `range` (inside `0..<size`) in order.
     func walk(_ range: Range<UInt64>, _ body: (UInt64, UInt64, Run) throws -> Void) throws {
-        var pendingStart: UInt64 = 0, pendingLength: UInt64 = 0
-        var pendingRun: Run?
-        func emit(_ start: UInt64, _ length: UInt64, _ run: Run) throws {
-            if let current = pendingRun, pendingStart + pendingLength == start {
-                switch (current, run) {
-                case (.absent, .absent), (.zero, .zero):
-                    pendingLength += length
-                    return
-                case (.data(let a), .data(let b)) where a + pendingLength == b:
-                    pendingLength += length
-                    return
-                default: break
-                }
-            }
-            if let current = pendingRun { try body(pendingStart, pendingLength, current) }
-            pendingStart = start
-            pendingLength = length
-            pendingRun = run
-        }
+        var runs = RunCoalescer<Run>()
+        func emit(_ start: UInt64, _ length: UInt64, _ run: Run) throws { try runs.add(start, length, run, body) }
 
         var pos = range.lowerBound
         while pos < range.upperBound {
@@ -270,7 +253,7 @@ package final class VHDXImage: BlockSource, Sendable {
             }
             pos = blockEnd
         }
-        if let current = pendingRun { try body(pendingStart, pendingLength, current) }
+        try runs.flush(body)
     }
 
     private func checkBlockOffset(_ offset: UInt64, batIndex: Int, what: String) throws {
@@ -319,5 +302,15 @@ package final class VHDXImage: BlockSource, Sendable {
 
     private func parentExtents(_ start: UInt64, _ length: UInt64) throws -> [Extent] {
         try lowerLayerExtents(parent, start, length)
+    }
+}
+
+extension VHDXImage.Run: MappingRun {
+    func isExtended(by next: Self, afterLength length: UInt64) -> Bool {
+        switch (self, next) {
+        case (.absent, .absent), (.zero, .zero): true
+        case (.data(let a), .data(let b)): a + length == b
+        default: false
+        }
     }
 }

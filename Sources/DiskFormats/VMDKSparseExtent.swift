@@ -213,25 +213,8 @@ final class VMDKSparseExtent: Sendable {
 
     /// Calls `body` for maximal runs covering `range` (inside `0..<size`) in order.
     func walk(_ range: Range<UInt64>, _ body: (UInt64, UInt64, Run) throws -> Void) throws {
-        var pendingStart: UInt64 = 0, pendingLength: UInt64 = 0
-        var pendingRun: Run?
-        func emit(_ start: UInt64, _ length: UInt64, _ run: Run) throws {
-            if let current = pendingRun, pendingStart + pendingLength == start {
-                switch (current, run) {
-                case (.unallocated, .unallocated), (.zero, .zero):
-                    pendingLength += length
-                    return
-                case (.data(let a), .data(let b)) where a + pendingLength == b:
-                    pendingLength += length
-                    return
-                default: break
-                }
-            }
-            if let current = pendingRun { try body(pendingStart, pendingLength, current) }
-            pendingStart = start
-            pendingLength = length
-            pendingRun = run
-        }
+        var runs = RunCoalescer<Run>()
+        func emit(_ start: UInt64, _ length: UInt64, _ run: Run) throws { try runs.add(start, length, run, body) }
 
         let tableSpan = grainBytes * tableEntries
         var pos = range.lowerBound
@@ -274,7 +257,7 @@ final class VMDKSparseExtent: Sendable {
                 pos = grainEnd
             }
         }
-        if let current = pendingRun { try body(pendingStart, pendingLength, current) }
+        try runs.flush(body)
     }
 
     private func grainTable(atSector sector: UInt32) throws -> VMDKGrainTable {
@@ -382,3 +365,13 @@ final class VMDKGrainTable: Sendable {
 
 /// Grain tables by their sector.
 typealias VMDKGrainTableCache = LRUCache<UInt32, VMDKGrainTable>
+
+extension VMDKSparseExtent.Run: MappingRun {
+    func isExtended(by next: Self, afterLength length: UInt64) -> Bool {
+        switch (self, next) {
+        case (.unallocated, .unallocated), (.zero, .zero): true
+        case (.data(let a), .data(let b)): a + length == b
+        default: false   // compressed runs never merge
+        }
+    }
+}
