@@ -14,7 +14,8 @@ OUT=$ROOT/fuzz/work/build
 BIN=$ROOT/fuzz/work/bin
 mkdir -p "$OUT/CLinuxShims" "$BIN"
 
-SAN=(-sanitize=fuzzer,address -parse-as-library -O -g -package-name Cairn -swift-version 6)
+# CAIRN_FUZZING turns off checksum enforcement (VHDX CRC-32C) so mutations get past it.
+SAN=(-sanitize=fuzzer,address -parse-as-library -O -g -package-name Cairn -swift-version 6 -D CAIRN_FUZZING)
 INC=(-I "$OUT" -I "$ROOT/Sources/CZlib" -I "$ROOT/Sources/CZstd" -I "$OUT/CLinuxShims")
 
 # The C shims CairnCore imports, with a module map of our own (SwiftPM makes one when it builds).
@@ -40,6 +41,7 @@ if [ ${#targets[@]} -eq 0 ]; then
     for f in "$ROOT"/fuzz/targets/*.swift; do targets+=("$(basename "$f" .swift)"); done
 fi
 for t in "${targets[@]}"; do
+    rm -f "$BIN/$t"   # a failed build must not leave the previous binary to be run
     swiftc "${SAN[@]}" "${INC[@]}" -module-name "fuzz_$t" "$ROOT/fuzz/targets/$t.swift" "$ROOT"/fuzz/common/*.swift \
         "$OUT/CairnCore.o" "$OUT/DiskFormats.o" "$OUT/shims.o" -lz -lzstd -o "$BIN/$t" 2>&1 \
         | grep -v "Cannot export local symbol '__asan" >&2 || true

@@ -123,14 +123,35 @@ extension String {
     fileprivate func leftPadded(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
 }
 
-/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), table-driven, as VHDX uses for its
-/// headers, region tables and log entries.
+/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) as VHDX uses for its headers, region
+/// tables and log entries. Slicing-by-8: eight table lookups per 8 input bytes, so a 64 KiB
+/// region table costs 8 K loop turns instead of 64 K (it dominated the VHDX fuzz target).
 enum CRC32C {
-    static let table: [UInt32] = (0..<256).map { n -> UInt32 in
-        var c = UInt32(n)
-        for _ in 0..<8 { c = c & 1 != 0 ? (c >> 1) ^ 0x82F6_3B78 : c >> 1 }
-        return c
-    }
+    /// tables[k][n]: the CRC of byte n followed by k zero bytes; tables[0] is the classic table.
+    static let tables: [[UInt32]] = {
+        var t = [[UInt32]](repeating: [UInt32](repeating: 0, count: 256), count: 8)
+        for n in 0..<256 {
+            var c = UInt32(n)
+            for _ in 0..<8 { c = c & 1 != 0 ? (c >> 1) ^ 0x82F6_3B78 : c >> 1 }
+            t[0][n] = c
+        }
+        for k in 1..<8 {
+            for n in 0..<256 { t[k][n] = (t[k - 1][n] >> 8) ^ t[0][Int(t[k - 1][n] & 0xFF)] }
+        }
+        return t
+    }()
+    /// The eight tables back to back, 256 entries each.
+    private static let flat: [UInt32] = tables.flatMap { $0 }
+
+    /// False only in the fuzz build (fuzz/build.sh defines CAIRN_FUZZING): there a mutated
+    /// header or region table would almost always fail its checksum, so the fuzzer would never
+    /// get past it, and the 64 KiB region table checksum was most of each run's time under
+    /// coverage instrumentation. Unit tests cover the mismatch paths.
+    #if CAIRN_FUZZING
+    static let enforced = false
+    #else
+    static let enforced = true
+    #endif
 
     static func checksum(_ bytes: ArraySlice<UInt8>) -> UInt32 {
         ~bytes.withUnsafeBytes { update(0xFFFF_FFFF, $0) }
@@ -142,7 +163,8 @@ enum CRC32C {
             let cut = min(max(field, 0), raw.count)
             let resume = min(cut + 4, raw.count)
             var crc = update(0xFFFF_FFFF, UnsafeRawBufferPointer(rebasing: raw[0..<cut]))
-            for _ in cut..<resume { crc = table[Int(crc & 0xFF)] ^ (crc >> 8) }
+            let zeros: (UInt8, UInt8, UInt8, UInt8) = (0, 0, 0, 0)
+            crc = withUnsafeBytes(of: zeros) { update(crc, UnsafeRawBufferPointer(rebasing: $0[0..<(resume - cut)])) }
             crc = update(crc, UnsafeRawBufferPointer(rebasing: raw[resume...]))
             return ~crc
         }
@@ -150,8 +172,22 @@ enum CRC32C {
 
     private static func update(_ start: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
         var crc = start
-        table.withUnsafeBufferPointer { t in
-            for b in bytes { crc = t[Int((crc ^ UInt32(b)) & 0xFF)] ^ (crc >> 8) }
+        flat.withUnsafeBufferPointer { t in
+            var i = 0
+            let n = bytes.count
+            while n - i >= 8 {
+                let lo = crc ^ bytes.loadUnaligned(fromByteOffset: i, as: UInt32.self).littleEndian
+                let hi = bytes.loadUnaligned(fromByteOffset: i + 4, as: UInt32.self).littleEndian
+                crc = t[7 * 256 + Int(lo & 0xFF)] ^ t[6 * 256 + Int((lo >> 8) & 0xFF)]
+                    ^ t[5 * 256 + Int((lo >> 16) & 0xFF)] ^ t[4 * 256 + Int(lo >> 24)]
+                    ^ t[3 * 256 + Int(hi & 0xFF)] ^ t[2 * 256 + Int((hi >> 8) & 0xFF)]
+                    ^ t[1 * 256 + Int((hi >> 16) & 0xFF)] ^ t[Int(hi >> 24)]
+                i += 8
+            }
+            while i < n {
+                crc = t[Int((crc ^ UInt32(bytes[i])) & 0xFF)] ^ (crc >> 8)
+                i += 1
+            }
         }
         return crc
     }
@@ -212,7 +248,7 @@ struct VHDXHeader: Sendable {
         let b = LittleEndianBytes(raw)
         guard b.count >= VHDX.headerSize, b.u32(at: 0) == VHDX.headerSignature else { return .failure(VHDXDefect("signature is not \"head\"")) }
         let stored = b.u32(at: VHDX.Header.checksum) ?? 0
-        let computed = CRC32C.checksum(Array(raw[0..<VHDX.headerSize]), zeroingFieldAt: VHDX.Header.checksum)
+        let computed = CRC32C.enforced ? CRC32C.checksum(Array(raw[0..<VHDX.headerSize]), zeroingFieldAt: VHDX.Header.checksum) : stored
         guard stored == computed else {
             return .failure(VHDXDefect("CRC-32C checksum mismatch (stored \(hex(UInt64(stored))), computed \(hex(UInt64(computed))))"))
         }
@@ -258,7 +294,7 @@ struct VHDXRegion: Sendable {
         let b = LittleEndianBytes(raw)
         guard b.count >= VHDX.regionTableSize, b.u32(at: 0) == VHDX.regionSignature else { return .failure(VHDXDefect("signature is not \"regi\"")) }
         let stored = b.u32(at: 4) ?? 0
-        let computed = CRC32C.checksum(Array(raw[0..<VHDX.regionTableSize]), zeroingFieldAt: 4)
+        let computed = CRC32C.enforced ? CRC32C.checksum(Array(raw[0..<VHDX.regionTableSize]), zeroingFieldAt: 4) : stored
         guard stored == computed else {
             return .failure(VHDXDefect("CRC-32C checksum mismatch (stored \(hex(UInt64(stored))), computed \(hex(UInt64(computed))))"))
         }

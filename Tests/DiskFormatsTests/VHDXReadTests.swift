@@ -205,3 +205,33 @@ struct VHDXReadTests {
         #expect(throws: CairnError.self) { _ = try Self.open(base, parent: rawParent) }
     }
 }
+
+@Suite("CRC-32C")
+struct CRC32CTests {
+    /// One bit at a time, straight from the polynomial: the reference for the sliced version.
+    static func bitwise(_ bytes: [UInt8]) -> UInt32 {
+        var c: UInt32 = 0xFFFF_FFFF
+        for b in bytes {
+            c ^= UInt32(b)
+            for _ in 0..<8 { c = c & 1 != 0 ? (c >> 1) ^ 0x82F6_3B78 : c >> 1 }
+        }
+        return ~c
+    }
+
+    @Test("the check value and every length and alignment agree with the bitwise definition")
+    func matchesDefinition() {
+        #expect(CRC32C.checksum(Array("123456789".utf8)[...]) == 0xE306_9283)
+        var rng = SeededRandom(seed: 7)
+        let data = (0..<300).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        for start in 0..<9 {
+            for end in stride(from: start, through: data.count, by: 7) {
+                #expect(CRC32C.checksum(data[start..<end]) == Self.bitwise(Array(data[start..<end])))
+            }
+        }
+        for field in [0, 3, 4, 100, 296, 298] {
+            var zeroed = data
+            for k in field..<min(field + 4, data.count) { zeroed[k] = 0 }
+            #expect(CRC32C.checksum(data, zeroingFieldAt: field) == Self.bitwise(zeroed))
+        }
+    }
+}

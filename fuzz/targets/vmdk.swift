@@ -49,7 +49,7 @@ public func fuzz(_ data: UnsafeRawPointer, _ size: Int) -> CInt {
             do {
                 try image.read(into: target, at: e.offset)
                 if e.kind != .data {
-                    precondition(target.allSatisfy { $0 == 0 }, "a \(e.kind) extent read non-zero bytes")
+                    precondition(readsAsZeros(target), "a \(e.kind) extent read non-zero bytes")
                 }
             } catch {
                 continue
