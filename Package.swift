@@ -71,7 +71,7 @@ let package = Package(
         ),
 
         // Test support: fixtures built with real tools, process helpers.
-        .target(name: "CairnTestSupport", dependencies: ["CairnCore"], swiftSettings: strict),
+        .target(name: "CairnTestSupport", dependencies: ["CairnCore", "Storage"], swiftSettings: strict),
 
         .testTarget(name: "CairnCoreTests", dependencies: ["CairnCore", "CairnTestSupport"]),
         .testTarget(name: "DiskFormatsTests", dependencies: ["DiskFormats", "CairnCore", "CairnTestSupport"]),

@@ -15,13 +15,15 @@ import Glibc
 package final class Repository: Sendable {
     package let config: RepositoryConfig
     package let keys: MasterKeys?
-    package let store: LocalDirectoryStore
-    package var path: String { store.root }
+    package let store: any ObjectStore
+    /// Where the repository is, for messages and lock files (a directory path for a local one).
+    package let path: String
 
     package var chunkSize: Int { config.chunkSize }
     package var isEncrypted: Bool { keys != nil }
 
-    private init(config: RepositoryConfig, keys: MasterKeys?, store: LocalDirectoryStore) {
+    private init(config: RepositoryConfig, keys: MasterKeys?, store: any ObjectStore) {
+        self.path = store.location
         self.config = config
         self.keys = keys
         self.store = store
@@ -100,9 +102,10 @@ package final class Repository: Sendable {
     }
 
     /// Opens a repository; `passphrase` is asked for only when it is encrypted.
-    package static func open(path: String, passphrase: () throws -> String?) throws -> Repository {
+    /// `store` replaces the local directory store (tests wrap it to inject faults).
+    package static func open(path: String, store: (any ObjectStore)? = nil, passphrase: () throws -> String?) throws -> Repository {
         let config = try readConfig(path: path)
-        let store = LocalDirectoryStore(root: path)
+        let store = store ?? LocalDirectoryStore(root: path)
         var keys: MasterKeys?
         if config.encryptionAlgorithm == .aes256gcm {
             guard let pass = try passphrase(), !pass.isEmpty else {

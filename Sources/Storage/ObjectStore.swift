@@ -37,9 +37,20 @@ package protocol ObjectStore: Sendable {
     func delete(_ key: ObjectKey) throws
     /// Makes the names of every object put so far durable.
     func barrier() throws
+    /// Where `key` lives, for messages (a file path, a URL).
+    func path(for key: ObjectKey) -> String
+    /// Names this process's temporary files after its lock id, so that a later process can
+    /// tell a dead writer's leftovers (stores without temporaries ignore it).
+    func setTemporaryOwner(_ owner: String)
+    /// Removes temporaries of writers not in `liveOwners`; returns how many were removed.
+    func removeStaleTemporaries(liveOwners: () throws -> Set<String>) throws -> Int
 }
 
 extension ObjectStore {
+    package func path(for key: ObjectKey) -> String { "\(location)/\(key)" }
+    package func setTemporaryOwner(_ owner: String) {}
+    package func removeStaleTemporaries(liveOwners: () throws -> Set<String>) throws -> Int { 0 }
+
     package func put(_ key: ObjectKey, _ bytes: [UInt8]) throws {
         try bytes.withUnsafeBytes { try put(key, $0) }
     }
