@@ -7,10 +7,43 @@ import Synchronization
 
 /// One problem found by `check`, with the snapshots and disks it affects.
 package struct CheckProblem: Sendable, Codable {
+    /// `chunk`, `index` or `snapshot`.
     package var kind: String
+    /// The object's id (or file name).
     package var object: String
+    /// `missing` (no such object) or `corrupt` (present but unreadable, unauthenticated or wrong).
+    package var state: String
     package var message: String
+    /// Who uses it: "snapshot <short> (<vm>, <time>) disk <name>".
     package var affected: [String]
+    /// Ids (hex) of the snapshots that lost data through it.
+    package var snapshots: [String]
+}
+
+/// Which chunks `check` reads: none, all, a random fraction, or the n-th of m groups (by the
+/// first byte of the id, like restic's `--read-data-subset n/m`).
+package enum ReadDataSelection: Sendable, Equatable {
+    case none
+    case all
+    case fraction(Double)
+    case group(Int, of: Int)
+
+    /// Parses `10%`, `2.5%`, `1/5`.
+    package static func parse(_ text: String) throws -> ReadDataSelection {
+        if text.hasSuffix("%"), let p = Double(text.dropLast()), p > 0, p <= 100 { return .fraction(p / 100) }
+        let parts = text.split(separator: "/")
+        if parts.count == 2, let n = Int(parts[0]), let m = Int(parts[1]), m >= 1, m <= 256, n >= 1, n <= m { return .group(n, of: m) }
+        throw CairnError(.usage, "cannot read the subset '\(text)'", hint: "give a percentage like 10% or a group like 1/5 (n of m, m <= 256)")
+    }
+
+    func selects(_ id: CairnCore.Digest, random: inout SystemRandomNumberGenerator) -> Bool {
+        switch self {
+        case .none: return false
+        case .all: return true
+        case .fraction(let f): return Double.random(in: 0..<1, using: &random) < f
+        case .group(let n, let m): return Int(id.w0 >> 56) % m == n - 1
+        }
+    }
 }
 
 package struct CheckReport: Sendable, Codable {
@@ -19,6 +52,8 @@ package struct CheckReport: Sendable, Codable {
     package var referencedChunks: Int
     package var storedChunks: Int
     package var unreferencedChunks: Int
+    /// Indexes no snapshot names (left by prune or an interrupted backup until gc).
+    package var unreferencedIndexes: Int
     package var chunksRead: Int
     package var bytesRead: UInt64
     package var problems: [CheckProblem]
@@ -28,58 +63,73 @@ package struct CheckReport: Sendable, Codable {
 /// Verifies the repository's structure, and with `readData` every referenced chunk's bytes.
 package final class CheckJob: @unchecked Sendable {
     package let repository: Repository
-    package let readData: Bool
+    package let readData: ReadDataSelection
     package let progress: any ProgressReporter
     package let cancel: CancellationToken
     package let workers: Int
 
-    package init(repository: Repository, readData: Bool, progress: any ProgressReporter = SilentProgress(),
+    package init(repository: Repository, readData: ReadDataSelection, progress: any ProgressReporter = SilentProgress(),
                  cancel: CancellationToken = CancellationToken(), workers: Int = defaultIOWorkerCount()) {
         self.repository = repository; self.readData = readData; self.progress = progress; self.cancel = cancel; self.workers = workers
     }
 
     package func run() throws -> CheckReport {
-        let started = Date()
         let lock = try repository.lock(exclusive: false, job: "check")
         defer { lock.release() }
+        return try examine()
+    }
+
+    /// The check itself, for a caller that already holds a lock (repair).
+    package func examine() throws -> CheckReport {
+        let started = Date()
         let codec = repository.makeCodec()
         var problems: [CheckProblem] = []
         let (snapshots, failures) = try repository.listSnapshots(codec: codec)
-        for (name, e) in failures {
-            problems.append(CheckProblem(kind: "snapshot", object: name, message: e.description, affected: ["snapshot \(name)"]))
+        for (name, e) in failures where e.code != .notFound {
+            problems.append(CheckProblem(kind: "snapshot", object: name, state: "corrupt", message: e.description,
+                                         affected: ["snapshot \(name)"], snapshots: [name]))
         }
         // Which snapshot/disk uses which chunk, and each chunk's length.
         var users: [CairnCore.Digest: [String]] = [:]
+        var userSnapshots: [CairnCore.Digest: [String]] = [:]
+        var indexNames = Set<String>()
         var lengths: [CairnCore.Digest: Int] = [:]
         var indexes = 0
         for s in snapshots {
             for d in s.manifest.disks {
                 let who = "snapshot \(s.id.short) (\(s.manifest.vm), \(s.manifest.time)) disk \(d.name)"
                 guard let indexID = CairnCore.Digest(hex: d.index) else {
-                    problems.append(CheckProblem(kind: "index", object: d.index, message: "invalid index id", affected: [who]))
+                    problems.append(CheckProblem(kind: "index", object: d.index, state: "corrupt", message: "invalid index id",
+                                                 affected: [who], snapshots: [s.id.hex]))
                     continue
                 }
+                indexNames.insert(indexID.hex)
                 do {
                     let index = try repository.loadIndex(indexID, codec: codec)
                     indexes += 1
                     for (i, id) in index.entries.enumerated() where !id.isZero {
                         if users[id, default: []].last != who { users[id, default: []].append(who) }
+                        if userSnapshots[id, default: []].last != s.id.hex { userSnapshots[id, default: []].append(s.id.hex) }
                         lengths[id] = index.length(ofChunk: i)
                     }
                 } catch let e as CairnError {
-                    problems.append(CheckProblem(kind: "index", object: indexID.hex, message: e.description, affected: [who]))
+                    let missing = e.message.contains("is missing")
+                    problems.append(CheckProblem(kind: "index", object: indexID.hex, state: missing ? "missing" : "corrupt",
+                                                 message: e.description, affected: [who], snapshots: [s.id.hex]))
                 }
             }
         }
         let stored = try repository.listChunkIDs()
         let referenced = Set(users.keys)
         for id in referenced.subtracting(stored).sorted() {
-            problems.append(CheckProblem(kind: "chunk", object: id.hex, message: "chunk \(id.hex) is missing", affected: users[id] ?? []))
+            problems.append(CheckProblem(kind: "chunk", object: id.hex, state: "missing", message: "chunk \(id.hex) is missing",
+                                         affected: users[id] ?? [], snapshots: userSnapshots[id] ?? []))
         }
         var chunksRead = 0
         var bytesRead: UInt64 = 0
-        if readData {
-            let toRead = referenced.intersection(stored).sorted()
+        if readData != .none {
+            var random = SystemRandomNumberGenerator()
+            let toRead = referenced.intersection(stored).sorted().filter { readData.selects($0, random: &random) }
             let next = Atomic<Int>(0)
             let bad = Mutex<[(CairnCore.Digest, String)]>([])
             let doneBytes = Atomic<UInt64>(0)
@@ -109,13 +159,15 @@ package final class CheckJob: @unchecked Sendable {
                 }
             }
             for (id, message) in bad.withLock({ $0 }).sorted(by: { $0.0 < $1.0 }) {
-                problems.append(CheckProblem(kind: "chunk", object: id.hex, message: message, affected: users[id] ?? []))
+                problems.append(CheckProblem(kind: "chunk", object: id.hex, state: message.contains("is missing") ? "missing" : "corrupt",
+                                             message: message, affected: users[id] ?? [], snapshots: userSnapshots[id] ?? []))
             }
             chunksRead = toRead.count
             bytesRead = doneBytes.load(ordering: .relaxed)
         }
         return CheckReport(snapshots: snapshots.count, indexes: indexes, referencedChunks: referenced.count, storedChunks: stored.count,
-                           unreferencedChunks: stored.subtracting(referenced).count, chunksRead: chunksRead, bytesRead: bytesRead,
+                           unreferencedChunks: stored.subtracting(referenced).count,
+                           unreferencedIndexes: Set(try repository.store.list("indexes")).subtracting(indexNames).count, chunksRead: chunksRead, bytesRead: bytesRead,
                            problems: problems)
     }
 }

@@ -19,11 +19,15 @@ package final class Repository: Sendable {
     /// Where the repository is, for messages and lock files (a directory path for a local one).
     package let path: String
 
+    /// How long `lock` waits for conflicting locks by default (`--retry-lock`).
+    package let lockWait: TimeInterval
+
     package var chunkSize: Int { config.chunkSize }
     package var isEncrypted: Bool { keys != nil }
 
-    private init(config: RepositoryConfig, keys: MasterKeys?, store: any ObjectStore) {
+    private init(config: RepositoryConfig, keys: MasterKeys?, store: any ObjectStore, lockWait: TimeInterval = 0) {
         self.path = store.location
+        self.lockWait = lockWait
         self.config = config
         self.keys = keys
         self.store = store
@@ -103,7 +107,8 @@ package final class Repository: Sendable {
 
     /// Opens a repository; `passphrase` is asked for only when it is encrypted.
     /// `store` replaces the local directory store (tests wrap it to inject faults).
-    package static func open(path: String, store: (any ObjectStore)? = nil, passphrase: () throws -> String?) throws -> Repository {
+    package static func open(path: String, store: (any ObjectStore)? = nil, lockWait: TimeInterval = 0,
+                             passphrase: () throws -> String?) throws -> Repository {
         let config = try readConfig(path: path)
         let store = store ?? LocalDirectoryStore(root: path)
         var keys: MasterKeys?
@@ -135,7 +140,7 @@ package final class Repository: Sendable {
                 throw lastError ?? CairnError(.wrongPassword, "wrong password")
             }
         }
-        return Repository(config: config, keys: keys, store: store)
+        return Repository(config: config, keys: keys, store: store, lockWait: lockWait)
     }
 }
 

@@ -55,6 +55,14 @@ package final class RepositoryLock: @unchecked Sendable {
 
     private let guardLock = NSLock()
 
+    var recordTime: String { guardLock.withLock { record.time } }
+
+    /// Rewrites the heartbeat if the last one is older than a minute (for a locker that waits).
+    func touch() {
+        let due = guardLock.withLock { parseTimestamp(record.heartbeat).map { Date().timeIntervalSince($0) > 60 } ?? true }
+        if due { refresh() }
+    }
+
     private func refresh() {
         guardLock.lock()
         defer { guardLock.unlock() }
@@ -103,37 +111,77 @@ extension Repository {
         return false
     }
 
-    /// Takes a lock. Removes stale locks and the temporary files of dead writers on the way.
-    package func lock(exclusive: Bool, job: String) throws -> RepositoryLock {
+    /// Takes a lock, waiting up to `wait` seconds (default: the repository's `lockWait`) for
+    /// conflicting locks to go away. Removes stale locks and the temporary files of dead writers
+    /// on the way.
+    ///
+    /// Waiting follows docs/FORMAT.md ("Locks"): a shared locker that meets an exclusive lock
+    /// withdraws its file and tries again later; an exclusive locker keeps its file while it
+    /// waits for shared holders to finish, so new shared lockers stay out and it cannot starve.
+    /// Of two exclusive lockers the later one (by time, then id) withdraws.
+    package func lock(exclusive: Bool, job: String, wait: TimeInterval? = nil) throws -> RepositoryLock {
         var rnd = [UInt8](repeating: 0, count: 8)
         for i in rnd.indices { rnd[i] = UInt8.random(in: 0...255) }
         let id = hexString(rnd)
         // Temporary files of this process carry the lock id from the start.
         store.setTemporaryOwner(id)
-        let now = timestamp()
-        let rec = LockRecord(version: 1, kind: exclusive ? "exclusive" : "shared", host: hostName(), pid: getpid(),
-                             time: now, heartbeat: now, job: job)
-        try store.put(ObjectKey("locks", id), [UInt8](try JSONEncoder().encode(rec)))
-        try store.barrier()
-        let lock = RepositoryLock(id: id, exclusive: exclusive, repository: self, record: rec)
+        let deadline = Date().addingTimeInterval(max(0, wait ?? lockWait))
+        var delay: TimeInterval = 0.05
+        var written: RepositoryLock?
+        while true {
+            let lock: RepositoryLock
+            if let written {
+                lock = written
+            } else {
+                let now = timestamp()
+                let rec = LockRecord(version: 1, kind: exclusive ? "exclusive" : "shared", host: hostName(), pid: getpid(),
+                                     time: now, heartbeat: now, job: job)
+                try store.put(ObjectKey("locks", id), [UInt8](try JSONEncoder().encode(rec)))
+                try store.barrier()
+                lock = RepositoryLock(id: id, exclusive: exclusive, repository: self, record: rec)
+            }
+            written = lock
+            guard let (name, other) = try firstConflict(own: lock) else {
+                try store.removeStaleTemporaries { [self] in
+                    Set(try readLocks().filter { name, rec in name == id || rec.map { !Repository.isStale($0) } ?? true }.keys)
+                }
+                lock.startHeartbeat()
+                return lock
+            }
+            // An exclusive locker waits with its file in place, unless it yields to an earlier
+            // exclusive one; everyone else withdraws while waiting.
+            let keep = exclusive && other?.kind == "shared"
+            if !keep {
+                lock.release()
+                written = nil
+            }
+            if Date() >= deadline {
+                lock.release()
+                let who = other.map { "\($0.kind) lock of \($0.job) by pid \($0.pid) on \($0.host) since \($0.time)" } ?? "an unreadable lock"
+                throw CairnError(.locked, "repository is locked: \(who)", path: "\(path)/locks/\(name)",
+                                 hint: "wait for that job to finish (--retry-lock DURATION waits); if it is dead, remove the lock file")
+            }
+            Thread.sleep(forTimeInterval: min(delay * Double.random(in: 0.5...1.5), max(0, deadline.timeIntervalSinceNow)))
+            delay = min(delay * 2, 2)
+            if keep { lock.touch() }
+        }
+    }
 
-        for (name, other) in try readLocks() where name != id {
+    /// The first live lock that conflicts with `own`, deleting stale ones met on the way.
+    private func firstConflict(own: RepositoryLock) throws -> (String, LockRecord?)? {
+        for (name, other) in try readLocks().sorted(by: { $0.key < $1.key }) where name != own.id {
             if let other, Repository.isStale(other) {
                 try? store.delete(ObjectKey("locks", name))
                 continue
             }
             let otherExclusive = other?.kind != "shared"
-            if exclusive || otherExclusive {
-                lock.release()
-                let who = other.map { "\($0.kind) lock of \($0.job) by pid \($0.pid) on \($0.host) since \($0.time)" } ?? "an unreadable lock"
-                throw CairnError(.locked, "repository is locked: \(who)", path: "\(path)/locks/\(name)",
-                                 hint: "wait for that job to finish; if it is dead, remove the lock file")
+            if own.exclusive && otherExclusive, let other {
+                // Two exclusive lockers: the earlier one (time, then id) goes on waiting.
+                if (other.time, name) > (own.recordTime, own.id) { continue }
+                return (name, other)
             }
+            if own.exclusive || otherExclusive { return (name, other) }
         }
-        try store.removeStaleTemporaries { [self] in
-            Set(try readLocks().filter { name, rec in name == id || rec.map { !Repository.isStale($0) } ?? true }.keys)
-        }
-        lock.startHeartbeat()
-        return lock
+        return nil
     }
 }

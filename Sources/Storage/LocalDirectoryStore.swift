@@ -175,7 +175,10 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
 
     package func delete(_ key: ObjectKey) throws {
         let p = path(for: key)
-        if unlink(p) != 0 && errno != ENOENT { throw CairnError.errno("unlink", errno, path: p) }
+        if unlink(p) != 0 {
+            if errno == ENOENT { return }   // nothing changed, nothing to make durable
+            throw CairnError.errno("unlink", errno, path: p)
+        }
         dirtyDirectories.withLock { _ = $0.insert(directory(for: key)) }
     }
 

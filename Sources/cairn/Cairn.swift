@@ -21,7 +21,7 @@ struct Cairn: ParsableCommand {
         12 wrong password, 64 usage, 130 interrupted (see docs/CLI.md).
         """,
         version: "cairn \(cairnVersion)",
-        subcommands: [Init.self, Backup.self, Snapshots.self, Restore.self, Check.self, Stats.self]
+        subcommands: [Init.self, Backup.self, Snapshots.self, Restore.self, Check.self, Stats.self, Prune.self, GC.self, Protect.self, Unprotect.self, Repair.self]
     )
 
     static func main() {
@@ -54,6 +54,9 @@ struct RepositoryOptions: ParsableArguments {
     @Flag(name: [.short, .long], help: "Print only errors and results.")
     var quiet = false
 
+    @Option(name: .long, help: "Wait this long for a conflicting lock to go away (e.g. 30s, 5m, 1h; default: do not wait).")
+    var retryLock: String?
+
     func repositoryPath() throws -> String {
         guard let p = repo ?? ProcessInfo.processInfo.environment["CAIRN_REPO"], !p.isEmpty else {
             throw CairnError(.usage, "no repository given", hint: "use --repo DIR or set CAIRN_REPO")
@@ -80,12 +83,35 @@ struct RepositoryOptions: ParsableArguments {
 
     func open() throws -> Repository {
         let path = try repositoryPath()
-        let repo = try Repository.open(path: path) { try password() }
+        let wait = try retryLock.map { try parseWaitDuration($0) } ?? 0
+        let repo = try Repository.open(path: path, lockWait: wait) { try password() }
         Trace.mark("repository open (key unwrapped)")
         return repo
     }
 
     func progress() -> TerminalProgress { TerminalProgress(json: json, quiet: quiet) }
+}
+
+/// Parses a wait time: a number with unit s, m or h, or several (`1h30m`); a bare number is seconds.
+func parseWaitDuration(_ text: String) throws -> TimeInterval {
+    if let n = Double(text), n >= 0 { return n }
+    var total: TimeInterval = 0
+    var digits = ""
+    for c in text {
+        if c.isNumber || c == "." {
+            digits.append(c)
+            continue
+        }
+        guard let n = Double(digits), let unit = ["s": 1.0, "m": 60.0, "h": 3600.0][String(c)] else {
+            throw CairnError(.usage, "cannot read the duration '\(text)'", hint: "write it like 30s, 5m, 1h or 1h30m")
+        }
+        total += n * unit
+        digits = ""
+    }
+    guard digits.isEmpty, !text.isEmpty else {
+        throw CairnError(.usage, "cannot read the duration '\(text)'", hint: "write it like 30s, 5m, 1h or 1h30m")
+    }
+    return total
 }
 
 /// Installs SIGINT/SIGTERM handlers that cancel the job; a second signal exits at once.

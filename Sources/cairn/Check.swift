@@ -14,21 +14,32 @@ struct Check: ParsableCommand {
     @Flag(help: "Read, decrypt, decompress and digest-check every referenced chunk.")
     var readData = false
 
+    @Option(help: "Read only a subset of the chunks: a random percentage (10%) or group n of m (1/5).")
+    var readDataSubset: String?
+
     func run() throws {
+        var selection: ReadDataSelection = readData ? .all : .none
+        if let readDataSubset {
+            guard !readData else { throw CairnError(.usage, "give --read-data or --read-data-subset, not both") }
+            selection = try ReadDataSelection.parse(readDataSubset)
+        }
         let repo = try options.open()
         let cancel = CancellationToken()
         let signals = installSignalHandlers(cancel)
         defer { signals.forEach { $0.cancel() } }
-        let report = try CheckJob(repository: repo, readData: readData, progress: options.progress(), cancel: cancel).run()
+        let report = try CheckJob(repository: repo, readData: selection, progress: options.progress(), cancel: cancel).run()
         if options.json {
             let enc = JSONEncoder()
             enc.outputFormatting = [.prettyPrinted, .sortedKeys]
             FileHandle.standardOutput.write(try enc.encode(report) + Data("\n".utf8))
         } else {
             print("\(report.snapshots) snapshots, \(report.indexes) indexes, \(report.referencedChunks) chunks referenced, \(report.storedChunks) stored, \(report.unreferencedChunks) unreferenced")
-            if readData { print("read \(report.chunksRead) chunks (\(ByteCount.format(report.bytesRead)))") }
+            if report.unreferencedChunks + report.unreferencedIndexes > 0 {
+                print("\(report.unreferencedChunks) chunks and \(report.unreferencedIndexes) indexes are referenced by no snapshot (not an error; `cairn gc` removes them)")
+            }
+            if selection != .none { print("read \(report.chunksRead) chunks (\(ByteCount.format(report.bytesRead)))") }
             for p in report.problems {
-                print("error: \(p.kind) \(p.object): \(p.message)")
+                print("error: \(p.state) \(p.kind) \(p.object): \(p.message)")
                 for a in p.affected { print("  used by \(a)") }
             }
             print(report.ok ? "no errors found" : "\(report.problems.count) problem\(report.problems.count == 1 ? "" : "s") found")

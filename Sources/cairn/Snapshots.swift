@@ -18,11 +18,13 @@ struct Snapshots: ParsableCommand {
         let codec = repo.makeCodec()
         let (all, failures) = try repo.listSnapshots(codec: codec)
         let list = all.filter { vm == nil || $0.manifest.vm == vm }
+        let protected = try repo.markedSnapshots(.protected), damaged = try repo.markedSnapshots(.damaged)
         for (name, e) in failures { printError("cairn: warning: snapshot \(name) is unreadable: \(e.description)") }
         if options.json {
             let arr: [[String: Any]] = list.map { s in
                 ["id": s.id.hex, "short_id": s.id.short, "vm": s.manifest.vm, "time": s.manifest.time, "host": s.manifest.host,
-                 "tags": s.manifest.tags, "consistency": s.manifest.consistency, "tool_version": s.manifest.toolVersion,
+                 "tags": s.manifest.tags, "protected": protected.contains(s.id.hex), "damaged": damaged.contains(s.id.hex),
+                 "consistency": s.manifest.consistency, "tool_version": s.manifest.toolVersion,
                  "disks": s.manifest.disks.map { d in
                      ["name": d.name, "size": d.virtualSize, "format": d.sourceFormat, "source": d.sourcePath, "index": d.index,
                       "bytes_read": d.bytesRead, "bytes_new": d.bytesNew, "bytes_deduplicated": d.bytesDeduplicated,
@@ -40,6 +42,8 @@ struct Snapshots: ParsableCommand {
             let time = String(s.manifest.time.prefix(19)).replacingOccurrences(of: "T", with: " ")
             var line = "\(s.id.short)  \(time.padding(toLength: 24, withPad: " ", startingAt: 0))  \(s.manifest.vm.padding(toLength: 15, withPad: " ", startingAt: 0))  \(disks)"
             if !s.manifest.tags.isEmpty { line += "  [\(s.manifest.tags.joined(separator: ","))]" }
+            if protected.contains(s.id.hex) { line += "  (protected)" }
+            if damaged.contains(s.id.hex) { line += "  (DAMAGED: see `cairn repair`)" }
             print(line)
         }
         print(String(repeating: "-", count: 78))

@@ -42,7 +42,7 @@ struct CorruptionTests {
         let sx1 = try E.backup(repo, vm: "x", [.init("xd", x)])
         let sx2 = try E.backup(repo, vm: "x", [.init("xd", x)])
         let sy = try E.backup(repo, vm: "y", [.init("yd", y)])
-        #expect(try CheckJob(repository: repo, readData: true).run().ok, "the repository starts healthy")
+        #expect(try CheckJob(repository: repo, readData: .all).run().ok, "the repository starts healthy")
 
         let ix = try E.index(repo, sx1), iy = try E.index(repo, sy)
         let victim = ix.entries[ix.entries.count / 2]
@@ -64,10 +64,10 @@ struct CorruptionTests {
         }
 
         // Structural check: only a missing chunk is visible without reading data.
-        let quick = try CheckJob(repository: repo, readData: false).run()
+        let quick = try CheckJob(repository: repo, readData: .none).run()
         #expect(quick.ok == (c.damage != .delete), "structural check: \(quick.problems)")
 
-        let report = try CheckJob(repository: repo, readData: true).run()
+        let report = try CheckJob(repository: repo, readData: .all).run()
         #expect(!report.ok)
         #expect(report.problems.count == 1, "exactly one problem: \(report.problems)")
         let problem = try #require(report.problems.first { $0.object == victim.hex }, "check names chunk \(victim.hex): \(report.problems)")
@@ -97,7 +97,7 @@ struct CorruptionTests {
             let out = dir.file("x2.out")
             try E.restore(repo, again, to: out)
             #expect(try E.cmpEqual(x, out))
-            #expect(try CheckJob(repository: repo, readData: true).run().ok, "re-storing the chunk heals the older snapshots too")
+            #expect(try CheckJob(repository: repo, readData: .all).run().ok, "re-storing the chunk heals the older snapshots too")
         }
     }
 
@@ -112,7 +112,7 @@ struct CorruptionTests {
         #expect(s1.manifest.disks[0].index == s2.manifest.disks[0].index)
         let indexPath = repo.store.path(for: ObjectKey("indexes", s1.manifest.disks[0].index))
         try Self.rewrite(indexPath) { $0[$0.count - 20] ^= 0x80 }
-        let report = try CheckJob(repository: repo, readData: true).run()
+        let report = try CheckJob(repository: repo, readData: .all).run()
         #expect(report.problems.count == 2, "\(report.problems)")
         #expect(report.problems.allSatisfy { $0.kind == "index" && $0.object == s1.manifest.disks[0].index })
         let e = #expect(throws: CairnError.self) { try E.restore(repo, s1, to: dir.file("o.raw")) }
@@ -123,7 +123,7 @@ struct CorruptionTests {
         let list = try repo.listSnapshots(codec: repo.makeCodec())
         #expect(list.snapshots.map(\.id) == [s1.id])
         #expect(list.failures.map(\.0) == [s2.id.hex])
-        let report2 = try CheckJob(repository: repo, readData: false).run()
+        let report2 = try CheckJob(repository: repo, readData: .none).run()
         #expect(report2.problems.contains { $0.kind == "snapshot" && $0.object == s2.id.hex })
     }
 }

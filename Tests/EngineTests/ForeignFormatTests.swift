@@ -52,7 +52,7 @@ struct ForeignFormatTests {
         let out = dir.file("restored.raw")
         try E.restore(repo, snap, to: out)
         #expect(try E.cmpEqual(reference, out), "restore of \(c.name) differs from qemu-img's reading of it")
-        try #expect(CheckJob(repository: repo, readData: true).run().ok)
+        try #expect(CheckJob(repository: repo, readData: .all).run().ok)
     }
 
     @Test("restore to VMDK (streamOptimized, monolithicSparse), VHD and VHDX is read back identically by qemu-img",

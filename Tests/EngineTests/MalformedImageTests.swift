@@ -195,7 +195,7 @@ struct MalformedImageTests {
         #expect(e?.description.contains(path) == true, "the message names the image: \(String(describing: e))")
         let list = try repo.listSnapshots(codec: repo.makeCodec())
         #expect(list.snapshots.isEmpty && list.failures.isEmpty)
-        #expect(try CheckJob(repository: repo, readData: true).run().ok)
+        #expect(try CheckJob(repository: repo, readData: .all).run().ok)
         #expect(try repo.store.list("locks").isEmpty, "the lock is released after a failed backup")
     }
 
