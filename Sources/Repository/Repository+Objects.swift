@@ -35,19 +35,25 @@ extension Repository {
     /// `scratch` is a reusable buffer for the stored bytes.
     package func loadChunk(_ id: CairnCore.Digest, codec: ObjectCodec, scratch: inout UnsafeMutableRawBufferPointer,
                            into: UnsafeMutableRawBufferPointer) throws -> Int {
-        let n: Int
-        do {
-            n = try store.get(Repository.chunkKey(id), into: &scratch)
-        } catch let e as CairnError where e.code == .notFound {
-            throw CairnError(.corrupt, "chunk \(id.hex) is missing", path: store.path(for: Repository.chunkKey(id)),
-                             hint: "run `cairn check` to list the snapshots affected")
+        // A read that does not authenticate is read once more before the chunk is called
+        // corrupt: a torn or flipped read on the way (a flaky disk, a network store) is not rot.
+        for attempt in 1...2 {
+            let n: Int
+            do {
+                n = try store.get(Repository.chunkKey(id), into: &scratch)
+            } catch let e as CairnError where e.code == .notFound {
+                throw CairnError(.corrupt, "chunk \(id.hex) is missing", path: store.path(for: Repository.chunkKey(id)),
+                                 hint: "run `cairn check` to list the snapshots affected")
+            }
+            do {
+                return try codec.open(kind: .chunk, id: id, object: UnsafeRawBufferPointer(rebasing: scratch[0..<n]), into: into)
+            } catch var e as CairnError {
+                if e.code == .corrupt && attempt == 1 { continue }
+                e.path = store.path(for: Repository.chunkKey(id))
+                throw e
+            }
         }
-        do {
-            return try codec.open(kind: .chunk, id: id, object: UnsafeRawBufferPointer(rebasing: scratch[0..<n]), into: into)
-        } catch var e as CairnError {
-            e.path = store.path(for: Repository.chunkKey(id))
-            throw e
-        }
+        fatalError("unreachable: the second attempt returns or throws")
     }
 
     // MARK: indexes
@@ -61,6 +67,14 @@ extension Repository {
     }
 
     package func loadIndex(_ id: CairnCore.Digest, codec: ObjectCodec) throws -> DiskIndex {
+        do {
+            return try loadIndexOnce(id, codec: codec)
+        } catch let e as CairnError where e.code == .corrupt && !e.message.contains("is missing") {
+            return try loadIndexOnce(id, codec: codec)   // once more: see loadChunk
+        }
+    }
+
+    private func loadIndexOnce(_ id: CairnCore.Digest, codec: ObjectCodec) throws -> DiskIndex {
         let key = ObjectKey("indexes", id.hex)
         let bytes: [UInt8]
         do {
@@ -89,6 +103,14 @@ extension Repository {
     }
 
     package func loadManifest(_ id: CairnCore.Digest, codec: ObjectCodec) throws -> Manifest {
+        do {
+            return try loadManifestOnce(id, codec: codec)
+        } catch let e as CairnError where e.code == .corrupt {
+            return try loadManifestOnce(id, codec: codec)   // once more: see loadChunk
+        }
+    }
+
+    private func loadManifestOnce(_ id: CairnCore.Digest, codec: ObjectCodec) throws -> Manifest {
         let key = ObjectKey("snapshots", id.hex)
         let bytes = try store.get(key)
         do {

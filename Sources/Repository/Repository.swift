@@ -63,7 +63,7 @@ package final class Repository: Sendable {
         var rng = SystemRandomNumberGenerator()
         for i in idBytes.indices { idBytes[i] = UInt8.random(in: 0...255, using: &rng) }
         let config = RepositoryConfig(id: hexString(idBytes), chunkSize: chunkSize, compressionLevel: compressionLevel, encryption: encryption)
-        let store = LocalDirectoryStore(root: path)
+        let store = RetryingStore(LocalDirectoryStore(root: path))
         for ns in ["chunks", "indexes", "snapshots", "keys", "locks", "tmp"] {
             if mkdir("\(path)/\(ns)", 0o755) != 0 && errno != EEXIST { throw CairnError.errno("mkdir", errno, path: "\(path)/\(ns)") }
         }
@@ -110,7 +110,7 @@ package final class Repository: Sendable {
     package static func open(path: String, store: (any ObjectStore)? = nil, lockWait: TimeInterval = 0,
                              passphrase: () throws -> String?) throws -> Repository {
         let config = try readConfig(path: path)
-        let store = store ?? LocalDirectoryStore(root: path)
+        let store = RetryingStore(store ?? LocalDirectoryStore(root: path))
         var keys: MasterKeys?
         if config.encryptionAlgorithm == .aes256gcm {
             guard let pass = try passphrase(), !pass.isEmpty else {
