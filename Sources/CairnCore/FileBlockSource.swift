@@ -97,6 +97,33 @@ public final class FileBlockSink: BlockSink, @unchecked Sendable {
         guard offset <= size, UInt64(buffer.count) <= size - offset else {
             throw CairnError(.io, "write past the end of the target (size \(size))", path: name, offset: offset)
         }
+        guard startsZeroed else {
+            try writeThrough(buffer, at: offset)
+            return
+        }
+        // A new sparse file reads zeros already: write only the 4 KiB blocks that hold data,
+        // so the restored file keeps the guest's zero blocks as holes (like qemu-img convert).
+        let block = 4096
+        var runStart = -1
+        var pos = 0
+        while pos < buffer.count {
+            let aligned = Int((offset + UInt64(pos)) % UInt64(block))
+            let n = min(block - aligned, buffer.count - pos)
+            let zero = isAllZero(UnsafeRawBufferPointer(rebasing: buffer[pos..<pos + n]))
+            if zero, runStart >= 0 {
+                try writeThrough(UnsafeRawBufferPointer(rebasing: buffer[runStart..<pos]), at: offset + UInt64(runStart))
+                runStart = -1
+            } else if !zero, runStart < 0 {
+                runStart = pos
+            }
+            pos += n
+        }
+        if runStart >= 0 {
+            try writeThrough(UnsafeRawBufferPointer(rebasing: buffer[runStart..<buffer.count]), at: offset + UInt64(runStart))
+        }
+    }
+
+    private func writeThrough(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try file.pwrite(buffer, at: offset)
         // Start write-back now so that I/O overlaps the rest of the restore and `finish`'s
         // fsync has little left to wait for.
