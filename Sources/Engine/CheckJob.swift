@@ -11,7 +11,9 @@ package struct CheckProblem: Sendable, Codable {
     package var kind: String
     /// The object's id (or file name).
     package var object: String
-    /// `missing` (no such object) or `corrupt` (present but unreadable, unauthenticated or wrong).
+    /// `missing` (no such object), `corrupt` (read, but it does not decode, authenticate or
+    /// match its id) or `unreadable` (the storage failed to deliver it: an I/O error that
+    /// persisted through the retries; the object itself may be intact).
     package var state: String
     package var message: String
     /// Who uses it: "snapshot <short> (<vm>, <time>) disk <name>".
@@ -73,6 +75,15 @@ package final class CheckJob: @unchecked Sendable {
         self.repository = repository; self.readData = readData; self.progress = progress; self.cancel = cancel; self.workers = workers
     }
 
+    /// How a failed load is classified (see `CheckProblem.state`).
+    static func state(of error: CairnError) -> String {
+        switch error.code {
+        case .io, .noSpace: "unreadable"
+        case .notFound: "missing"
+        default: error.message.contains("is missing") ? "missing" : "corrupt"
+        }
+    }
+
     package func run() throws -> CheckReport {
         let lock = try repository.lock(exclusive: false, job: "check")
         defer { lock.release() }
@@ -86,7 +97,7 @@ package final class CheckJob: @unchecked Sendable {
         var problems: [CheckProblem] = []
         let (snapshots, failures) = try repository.listSnapshots(codec: codec)
         for (name, e) in failures where e.code != .notFound {
-            problems.append(CheckProblem(kind: "snapshot", object: name, state: "corrupt", message: e.description,
+            problems.append(CheckProblem(kind: "snapshot", object: name, state: Self.state(of: e), message: e.description,
                                          affected: ["snapshot \(name)"], snapshots: [name]))
         }
         // Which snapshot/disk uses which chunk, and each chunk's length.
@@ -113,8 +124,7 @@ package final class CheckJob: @unchecked Sendable {
                         lengths[id] = index.length(ofChunk: i)
                     }
                 } catch let e as CairnError {
-                    let missing = e.message.contains("is missing")
-                    problems.append(CheckProblem(kind: "index", object: indexID.hex, state: missing ? "missing" : "corrupt",
+                    problems.append(CheckProblem(kind: "index", object: indexID.hex, state: Self.state(of: e),
                                                  message: e.description, affected: [who], snapshots: [s.id.hex]))
                 }
             }
@@ -131,7 +141,7 @@ package final class CheckJob: @unchecked Sendable {
             var random = SystemRandomNumberGenerator()
             let toRead = referenced.intersection(stored).sorted().filter { readData.selects($0, random: &random) }
             let next = Atomic<Int>(0)
-            let bad = Mutex<[(CairnCore.Digest, String)]>([])
+            let bad = Mutex<[(CairnCore.Digest, CairnError)]>([])
             let doneBytes = Atomic<UInt64>(0)
             let total = toRead.reduce(UInt64(0)) { $0 + UInt64(lengths[$1] ?? 0) }
             let ticker = ProgressTicker { [progress] in
@@ -154,13 +164,13 @@ package final class CheckJob: @unchecked Sendable {
                         let n = try repository.loadChunk(id, codec: codec, scratch: &scratch, into: buffer)
                         doneBytes.add(UInt64(n), ordering: .relaxed)
                     } catch let e as CairnError {
-                        bad.withLock { $0.append((id, e.description)) }
+                        bad.withLock { $0.append((id, e)) }
                     }
                 }
             }
-            for (id, message) in bad.withLock({ $0 }).sorted(by: { $0.0 < $1.0 }) {
-                problems.append(CheckProblem(kind: "chunk", object: id.hex, state: message.contains("is missing") ? "missing" : "corrupt",
-                                             message: message, affected: users[id] ?? [], snapshots: userSnapshots[id] ?? []))
+            for (id, error) in bad.withLock({ $0 }).sorted(by: { $0.0 < $1.0 }) {
+                problems.append(CheckProblem(kind: "chunk", object: id.hex, state: Self.state(of: error),
+                                             message: error.description, affected: users[id] ?? [], snapshots: userSnapshots[id] ?? []))
             }
             chunksRead = toRead.count
             bytesRead = doneBytes.load(ordering: .relaxed)

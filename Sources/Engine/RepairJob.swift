@@ -16,6 +16,9 @@ package struct RepairReport: Sendable, Codable {
     package var forgotten: [String]
     /// Snapshots whose damaged mark was cleared because everything they reference is back.
     package var healed: [String]
+    /// Objects the storage failed to deliver: left in place (they may be intact); run repair
+    /// again when the storage is healthy.
+    package var unreadable: [String]
 }
 
 /// Repairs what `check --read-data` finds (docs/FORMAT.md, "Repair"), under an exclusive lock:
@@ -46,12 +49,23 @@ package final class RepairJob: @unchecked Sendable {
         let store = repository.store
         var quarantined: [String] = []
         var lost: [String: [String]] = [:]   // snapshot id -> missing object ids
+        var unreadable: [String] = []
         for p in report.problems {
             let namespace = ["chunk": "chunks", "index": "indexes", "snapshot": "snapshots"][p.kind] ?? p.kind
+            if p.state == "unreadable" {
+                // Not evidence of damage: the object is neither moved nor counted as lost.
+                unreadable.append("\(namespace)/\(p.object)")
+                continue
+            }
             if p.state == "corrupt", p.kind != "snapshot" || CairnCore.Digest(hex: p.object) != nil {
                 let key = ObjectKey(namespace, p.object)
                 if try store.exists(key) {
-                    if !dryRun { try quarantine(key) }
+                    if !dryRun {
+                        guard try quarantine(key) else {
+                            unreadable.append("\(namespace)/\(p.object)")
+                            continue
+                        }
+                    }
                     quarantined.append("\(namespace)/\(p.object)")
                 }
             }
@@ -80,17 +94,17 @@ package final class RepairJob: @unchecked Sendable {
         }
         if !dryRun { try store.barrier() }
         return RepairReport(dryRun: dryRun, check: report, quarantined: quarantined, markedDamaged: marked,
-                            forgotten: forgotten, healed: healed)
+                            forgotten: forgotten, healed: healed, unreadable: unreadable)
     }
 
-    /// Copies an object to `quarantine/<namespace>-<name>` and deletes it; an object that
-    /// cannot even be read is deleted (there is nothing to keep).
-    private func quarantine(_ key: ObjectKey) throws {
+    /// Copies an object to `quarantine/<namespace>-<name>`, then deletes it. Returns false, and
+    /// leaves it in place, when its bytes cannot be read: nothing is deleted that was not kept.
+    private func quarantine(_ key: ObjectKey) throws -> Bool {
         let store = repository.store
-        if let bytes = try? store.get(key) {
-            try store.put(ObjectKey("quarantine", "\(key.namespace)-\(key.name)"), bytes)
-            try store.barrier()
-        }
+        guard let bytes = try? store.get(key) else { return false }
+        try store.put(ObjectKey("quarantine", "\(key.namespace)-\(key.name)"), bytes)
+        try store.barrier()
         try store.delete(key)
+        return true
     }
 }

@@ -48,7 +48,7 @@ extension Repository {
             do {
                 return try codec.open(kind: .chunk, id: id, object: UnsafeRawBufferPointer(rebasing: scratch[0..<n]), into: into)
             } catch var e as CairnError {
-                if e.code == .corrupt && attempt == 1 { continue }
+                if (e.code == .corrupt || e.code == .unsupported) && attempt == 1 { continue }
                 e.path = store.path(for: Repository.chunkKey(id))
                 throw e
             }
@@ -69,7 +69,7 @@ extension Repository {
     package func loadIndex(_ id: CairnCore.Digest, codec: ObjectCodec) throws -> DiskIndex {
         do {
             return try loadIndexOnce(id, codec: codec)
-        } catch let e as CairnError where e.code == .corrupt && !e.message.contains("is missing") {
+        } catch let e as CairnError where (e.code == .corrupt || e.code == .unsupported) && !e.message.contains("is missing") {
             return try loadIndexOnce(id, codec: codec)   // once more: see loadChunk
         }
     }
@@ -105,7 +105,7 @@ extension Repository {
     package func loadManifest(_ id: CairnCore.Digest, codec: ObjectCodec) throws -> Manifest {
         do {
             return try loadManifestOnce(id, codec: codec)
-        } catch let e as CairnError where e.code == .corrupt {
+        } catch let e as CairnError where e.code == .corrupt || e.code == .unsupported {
             return try loadManifestOnce(id, codec: codec)   // once more: see loadChunk
         }
     }
@@ -141,7 +141,8 @@ extension Repository {
     /// Resolves a snapshot reference: a full id, a unique id prefix, or `latest` (optionally
     /// for one VM).
     package func resolveSnapshot(_ ref: String, vm: String?, codec: ObjectCodec) throws -> SnapshotEntry {
-        let all = try listSnapshots(codec: codec).snapshots.filter { vm == nil || $0.manifest.vm == vm }
+        let (listed, failures) = try listSnapshots(codec: codec)
+        let all = listed.filter { vm == nil || $0.manifest.vm == vm }
         if ref == "latest" {
             guard let last = all.last else {
                 throw CairnError(.notFound, vm.map { "no snapshot of VM \($0)" } ?? "the repository has no snapshots")
@@ -154,7 +155,16 @@ extension Repository {
         }
         let matches = all.filter { $0.id.hex.hasPrefix(lower) }
         if matches.count == 1 { return matches[0] }
-        if matches.isEmpty { throw CairnError(.notFound, "no snapshot matches '\(ref)'") }
+        if matches.isEmpty {
+            // A snapshot that exists but cannot be read is reported as what it is, not as absent.
+            if let (name, error) = failures.first(where: { $0.0.hasPrefix(lower) && $0.1.code != .notFound }) {
+                var e = error
+                e.message = "snapshot \(name) cannot be read: " + e.message
+                e.hint = e.hint ?? "run `cairn check`; `cairn repair` sets the damaged manifest aside"
+                throw e
+            }
+            throw CairnError(.notFound, "no snapshot matches '\(ref)'")
+        }
         throw CairnError(.usage, "snapshot prefix '\(ref)' is ambiguous (\(matches.count) snapshots)", hint: "give more digits")
     }
 }

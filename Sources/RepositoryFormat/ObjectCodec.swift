@@ -130,20 +130,11 @@ package final class ObjectCodec {
 
     // MARK: open
 
-    /// The plaintext length recorded in an object's header (checked against `limit`).
-    package static func plaintextLength(of object: UnsafeRawBufferPointer, limit: Int) throws -> Int {
-        guard object.count >= Magic.objectHeaderSize else {
-            throw CairnError(.corrupt, "object is \(object.count) bytes, shorter than its 32-byte header")
-        }
-        let n = object.le(UInt64.self, at: 8)
-        guard n <= UInt64(limit) else { throw CairnError(.corrupt, "object header claims \(n) plaintext bytes, more than the limit \(limit)") }
-        return Int(n)
-    }
-
-    /// Opens an object into `into` (which must hold at least its plaintext length), checks its
-    /// kind, authenticity and that its plaintext hashes to `id`. Returns the plaintext length.
-    @discardableResult
-    package func open(kind: ObjectKind, id: Digest, object: UnsafeRawBufferPointer, into: UnsafeMutableRawBufferPointer) throws -> Int {
+    /// Checks an object's header in the order docs/FORMAT.md gives (size, magic, version, kind,
+    /// compression, encryption, reserved bytes, payload length, plaintext limit) before anything
+    /// is allocated from it. Returns the algorithms and the plaintext length.
+    private static func checkHeader(kind: ObjectKind, id: Digest, object: UnsafeRawBufferPointer, limit: Int) throws
+        -> (compression: CompressionAlgorithm, encryption: EncryptionAlgorithm, plainLength: Int) {
         let what = "\(kind) \(id.hex)"
         guard object.count >= Magic.objectHeaderSize else {
             throw CairnError(.corrupt, "\(what): object is \(object.count) bytes, shorter than its header (truncated)")
@@ -155,7 +146,8 @@ package final class ObjectCodec {
             throw CairnError(.unsupported, "\(what): object version \(object[4]) is not supported")
         }
         guard object[5] == kind.rawValue else {
-            throw CairnError(.corrupt, "\(what): object kind \(object[5]) where \(kind.rawValue) (\(kind)) was expected")
+            let found = ObjectKind(rawValue: object[5]).map { " (\($0))" } ?? ""
+            throw CairnError(.corrupt, "\(what): object kind \(object[5])\(found) where \(kind.rawValue) (\(kind)) was expected")
         }
         guard let compression = CompressionAlgorithm(rawValue: object[6]) else {
             throw CairnError(.corrupt, "\(what): unknown compression \(object[6])")
@@ -169,10 +161,19 @@ package final class ObjectCodec {
         guard payloadLength == UInt64(object.count - Magic.objectHeaderSize) else {
             throw CairnError(.corrupt, "\(what): payload length \(payloadLength) but \(object.count - Magic.objectHeaderSize) bytes present (truncated or extended)")
         }
-        guard plainLength <= UInt64(into.count) else {
-            throw CairnError(.corrupt, "\(what): plaintext length \(plainLength) exceeds the expected maximum \(into.count)")
+        guard plainLength <= UInt64(limit) else {
+            throw CairnError(.corrupt, "\(what): plaintext length \(plainLength) exceeds the expected maximum \(limit)")
         }
-        let plainCount = Int(plainLength)
+        return (compression, encryption, Int(plainLength))
+    }
+
+    /// Opens an object into `into` (which must hold at least its plaintext length), checks its
+    /// kind, authenticity and that its plaintext hashes to `id`. Returns the plaintext length.
+    @discardableResult
+    package func open(kind: ObjectKind, id: Digest, object: UnsafeRawBufferPointer, into: UnsafeMutableRawBufferPointer) throws -> Int {
+        let what = "\(kind) \(id.hex)"
+        let (compression, encryption, plainLength) = try ObjectCodec.checkHeader(kind: kind, id: id, object: object, limit: into.count)
+        let plainCount = plainLength
         let header = UnsafeRawBufferPointer(rebasing: object[0..<Magic.objectHeaderSize])
 
         // Decrypt (or take) the payload.
@@ -234,7 +235,8 @@ package final class ObjectCodec {
     /// Opens a whole object into a new array (metadata: indexes, manifests).
     package func open(kind: ObjectKind, id: Digest, object: [UInt8], limit: Int = 1 << 30) throws -> [UInt8] {
         try object.withUnsafeBytes { obj in
-            let n = try ObjectCodec.plaintextLength(of: obj, limit: limit)
+            // The whole header is checked before the plaintext buffer is allocated from it.
+            let n = try ObjectCodec.checkHeader(kind: kind, id: id, object: obj, limit: limit).plainLength
             var out = [UInt8](repeating: 0, count: n)
             try out.withUnsafeMutableBytes { _ = try open(kind: kind, id: id, object: obj, into: $0) }
             return out

@@ -142,6 +142,7 @@ struct Repair: ParsableCommand {
         for s in r.markedDamaged { print("\(would)marked damaged: snapshot \(s.prefix(8))") }
         for s in r.forgotten { print("\(would)forgotten: snapshot \(s.prefix(8))") }
         for s in r.healed { print("\(would)healed (complete again): snapshot \(s.prefix(8))") }
+        for u in r.unreadable { print("left in place, the storage could not deliver it: \(u) (run repair again when the storage is healthy)") }
         print(r.check.problems.isEmpty && r.healed.isEmpty ? "nothing to repair" : "\(r.check.problems.count) problems, \(r.quarantined.count) objects set aside, \(r.markedDamaged.count + r.forgotten.count) snapshots affected")
     }
 }
