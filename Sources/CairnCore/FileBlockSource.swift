@@ -64,10 +64,15 @@ public final class FileBlockSink: BlockSink, @unchecked Sendable {
     public var name: String { file.path }
     private let startsZeroed: Bool
     private let isDevice: Bool
+    /// When false, nothing is flushed: `finish` returns with the data possibly still in the page
+    /// cache (`cairn restore --no-sync`).
+    private let durable: Bool
 
     /// - Parameters:
     ///   - create: create a new file (fails if it exists unless `overwrite`), sized `size`.
-    public init(path: String, size: UInt64, create: Bool, overwrite: Bool = false) throws {
+    ///   - durable: start write-back as data arrives and fsync in `finish` (the default).
+    public init(path: String, size: UInt64, create: Bool, overwrite: Bool = false, durable: Bool = true) throws {
+        self.durable = durable
         if create {
             var flags = O_RDWR | O_CREAT
             flags |= overwrite ? O_TRUNC : O_EXCL
@@ -127,7 +132,7 @@ public final class FileBlockSink: BlockSink, @unchecked Sendable {
         try file.pwrite(buffer, at: offset)
         // Start write-back now so that I/O overlaps the rest of the restore and `finish`'s
         // fsync has little left to wait for.
-        _ = cairn_start_writeback(file.fd, Int64(offset), Int64(buffer.count))
+        if durable { _ = cairn_start_writeback(file.fd, Int64(offset), Int64(buffer.count)) }
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64) throws {
@@ -146,6 +151,6 @@ public final class FileBlockSink: BlockSink, @unchecked Sendable {
     }
 
     public func finish() throws {
-        try file.fsync()
+        if durable { try file.fsync() }
     }
 }

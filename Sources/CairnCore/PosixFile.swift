@@ -146,6 +146,18 @@ public func tuneMallocForLargeBuffers() {
     cairn_malloc_tune()
 }
 
+/// A file whose `sync` does nothing: image writers keep their write order, but nothing is
+/// forced to disk (`cairn restore --no-sync`).
+public struct UnsyncedFile: RandomAccessFile {
+    public let file: PosixFile
+    public init(_ file: PosixFile) { self.file = file }
+    public var name: String { file.path }
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws { try file.pwrite(buffer, at: offset) }
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws { try file.pread(into: buffer, at: offset) }
+    public func setLength(_ length: UInt64) throws { try file.truncate(to: length) }
+    public func sync() throws {}
+}
+
 extension PosixFile: RandomAccessFile {
     public var name: String { path }
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws { try pwrite(buffer, at: offset) }

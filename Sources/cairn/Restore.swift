@@ -38,6 +38,9 @@ struct Restore: ParsableCommand {
     @Flag(help: "Write onto an existing file or block device.")
     var overwrite = false
 
+    @Flag(help: "Do not fsync the target at the end (faster; a crash soon after the restore may lose part of it).")
+    var noSync = false
+
     @Option(help: "Worker threads (default: four per core).")
     var workers: Int?
 
@@ -78,11 +81,12 @@ struct Restore: ParsableCommand {
         defer { signals.forEach { $0.cancel() } }
         let sink: any BlockSink
         if exists {
-            sink = try FileBlockSink(path: to, size: chosen.virtualSize, create: false)
+            sink = try FileBlockSink(path: to, size: chosen.virtualSize, create: false, durable: !noSync)
         } else if fmt == .raw {
-            sink = try FileBlockSink(path: to, size: chosen.virtualSize, create: true)
+            sink = try FileBlockSink(path: to, size: chosen.virtualSize, create: true, durable: !noSync)
         } else {
-            let file = try PosixFile(path: to, flags: O_RDWR | O_CREAT | O_EXCL)
+            let posix = try PosixFile(path: to, flags: O_RDWR | O_CREAT | O_EXCL)
+            let file: any RandomAccessFile = noSync ? UnsyncedFile(posix) : posix
             do {
                 switch fmt {
                 case .qcow2: sink = try QCOW2Writer(file: file, virtualSize: chosen.virtualSize)

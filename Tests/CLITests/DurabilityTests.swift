@@ -103,4 +103,31 @@ struct DurabilityTests {
         let unsynced = created.filter { i, d in !synced(Self.parent(d), in: i..<manifestAt) }.map(\.1)
         #expect(unsynced.isEmpty, "\(unsynced.count) of \(created.count) new directories have no synced parent before the manifest, e.g. \(unsynced.prefix(3))")
     }
+
+    @Test("a restore fsyncs its target before it reports success; --no-sync does not, and writes the same bytes",
+          arguments: ["raw", "qcow2"])
+    func restoreSync(format: String) throws {
+        let strace = try Tool.which("strace")
+        let env = try CLIEnv("cli-restore-sync", password: nil)
+        try env.expect(0, ["init", "--encryption", "none", "--chunk-size", "64K"])
+        let disk = env.file("d.raw")
+        try Disk.dense(disk, size: 2 * MiB, seed: 98)
+        try env.expect(0, ["backup", "--vm", "d", "--quiet", disk])
+        var outputs: [String] = []
+        for noSync in [false, true] {
+            let out = env.file("out-\(noSync).\(format)")
+            let trace = env.file("trace-\(noSync).txt")
+            let args = ["restore", "latest", "--to", out, "--format", format] + (noSync ? ["--no-sync"] : [])
+            let r = try Tool.run(strace, ["-f", "-y", "-qq", "-e", "trace=fsync,fdatasync", "-o", trace, env.cli.binary] + args,
+                                 environment: ["CAIRN_REPO": env.repo], check: false)
+            #expect(r.status == 0, "strace + restore: \(r.stderr)")
+            let synced = Self.parse(try String(contentsOfFile: trace, encoding: .utf8)).contains { $0 == .sync(out) }
+            #expect(synced == !noSync, "\(noSync ? "--no-sync" : "default"): target fsynced = \(synced)")
+            outputs.append(out)
+        }
+        let compare = try Tool.run("qemu-img", ["compare", "-f", format, "-F", format, outputs[0], outputs[1]], check: false)
+        #expect(compare.status == 0, "both restores hold the same disk: \(compare.stdout)")
+        let original = try Tool.run("qemu-img", ["compare", "-f", "raw", "-F", format, disk, outputs[1]], check: false)
+        #expect(original.status == 0, "the --no-sync restore equals the disk: \(original.stdout)")
+    }
 }
