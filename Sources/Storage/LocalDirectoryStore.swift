@@ -71,7 +71,8 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
         try ensureDirectory(dir)
         let tmp: String
         if LocalDirectoryStore.inPlaceTemporaryNamespaces.contains(key.namespace) {
-            tmp = "\(dir)/.tmp-\(UInt64.random(in: 0...UInt64.max))"
+            // Named after the object (a lock's id), so a leftover can be told apart.
+            tmp = "\(dir)/.tmp-\(key.name).\(UInt64.random(in: 0...UInt64.max))"
         } else {
             let tmpDir = "\(root)/tmp"
             try ensureDirectory(tmpDir)
@@ -194,16 +195,25 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
         }
     }
 
+    /// How old a lock's temporary (`locks/.tmp-<id>.<random>`) must be before a process other
+    /// than its writer may remove it. It lives for the milliseconds between create and rename;
+    /// the age keeps a locker from removing the temporary of a lock being taken right now,
+    /// whose owner does not appear in `locks/` yet.
+    package static let lockTemporaryMaxAge: Double = 10 * 60   // seconds
+
     /// Removes temporary files left by dead processes. Returns how many were removed.
     ///
     /// `tmp/` is listed *before* `liveOwners()` is asked: a process creates temporary files only
     /// after its lock exists, so every file in that listing whose owner is missing from the
     /// later lock listing belongs to a process that is gone (or has released its lock).
+    /// Lock temporaries in `locks/` (left by a process killed while it wrote its lock file) are
+    /// removed when their owner is not live and they are older than `lockTemporaryMaxAge`.
     @discardableResult
     package func removeStaleTemporaries(liveOwners: () throws -> Set<String>) throws -> Int {
         var removed = 0
         let names = try listDirectory("\(root)/tmp")
-        if names.isEmpty { return 0 }
+        let lockTemps = try listDotTemporaries("\(root)/locks")
+        if names.isEmpty && lockTemps.isEmpty { return 0 }
         let live = try liveOwners()
         for name in names {
             let owner = String(name.prefix(while: { $0 != "." }))
@@ -211,6 +221,33 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
                 if unlink("\(root)/tmp/\(name)") == 0 { removed += 1 }
             }
         }
+        let now = Double(time(nil))
+        for name in lockTemps {
+            let owner = String(name.dropFirst(".tmp-".count).prefix(while: { $0 != "." }))
+            if live.contains(owner) { continue }
+            let path = "\(root)/locks/\(name)"
+            var st = stat()
+            guard stat(path, &st) == 0 else { continue }
+            let age = now - (Double(st.st_mtim.tv_sec) + Double(st.st_mtim.tv_nsec) / 1e9)
+            if age > LocalDirectoryStore.lockTemporaryMaxAge, unlink(path) == 0 { removed += 1 }
+        }
         return removed
+    }
+
+    /// `.tmp-*` entries of a directory (which `listDirectory` hides).
+    private func listDotTemporaries(_ path: String) throws -> [String] {
+        guard let dir = opendir(path) else {
+            if errno == ENOENT { return [] }
+            throw CairnError.errno("opendir", errno, path: path)
+        }
+        defer { closedir(dir) }
+        var out: [String] = []
+        while let ent = readdir(dir) {
+            let name = withUnsafePointer(to: ent.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+            }
+            if name.hasPrefix(".tmp-") { out.append(name) }
+        }
+        return out
     }
 }

@@ -38,6 +38,30 @@ import Testing
         #expect(try store.listDirectory("\(dir.path)/tmp") == ["live0001.456"])
     }
 
+    @Test("a lock file's temporary left by a killed writer goes once it is old and its owner is not live")
+    func staleLockTemporaries() throws {
+        let dir = try TempDir()
+        let store = LocalDirectoryStore(root: dir.path)
+        let locks = "\(dir.path)/locks"
+        try FileManager.default.createDirectory(atPath: locks, withIntermediateDirectories: true)
+        let old = time(nil) - Int(LocalDirectoryStore.lockTemporaryMaxAge) - 60
+        for name in [".tmp-dead0001.1", ".tmp-live0001.2", ".tmp-dead0002.3"] {
+            _ = FileManager.default.createFile(atPath: "\(locks)/\(name)", contents: Data([1]))
+        }
+        for name in [".tmp-dead0001.1", ".tmp-live0001.2"] {
+            var times = [timeval(tv_sec: old, tv_usec: 0), timeval(tv_sec: old, tv_usec: 0)]
+            #expect(utimes("\(locks)/\(name)", &times) == 0)
+        }
+        // Old and dead: removed. Old but its owner is live: kept. Dead but fresh (perhaps a lock
+        // being taken right now, whose file is not renamed yet): kept.
+        #expect(try store.removeStaleTemporaries { ["live0001"] } == 1)
+        let left = try FileManager.default.contentsOfDirectory(atPath: locks).sorted()
+        #expect(left == [".tmp-dead0002.3", ".tmp-live0001.2"])
+        // And the store names its own lock temporaries after the lock, so the rule can apply.
+        try store.put(ObjectKey("locks", "abcd0001"), [1, 2, 3])
+        #expect(try store.list("locks") == ["abcd0001"])
+    }
+
     @Test func fullDiskIsReportedAsNoSpace() throws {
         // /dev/full answers every write with ENOSPC: the error must say so and leave no temp file.
         let e = #expect(throws: CairnError.self) {
