@@ -50,6 +50,12 @@ package final class RestoreJob: @unchecked Sendable {
         // Formats written front to back (VMDK streamOptimized) get their chunks in order: the
         // workers still fetch and decode in parallel, then wait their turn to write.
         let order: WriteOrder? = sink.requiresSequentialWrites ? WriteOrder(cancel: cancel) : nil
+        // Readahead: chunk files are asked for a window ahead of the workers, so the disk queue
+        // stays deep and the workers find their chunks in the page cache instead of waiting.
+        let prefetcher = ChunkPrefetcher(store: repository.store, entries: entries, window: max(64, 4 * workers)) {
+            next.load(ordering: .relaxed)
+        }
+        defer { prefetcher.stop() }
         try runWorkers(count: min(workers, max(1, entries.count)), stop: cancel) { _ in
             let codec = repository.makeCodec()
             let buffer = allocateBuffer(index.chunkSize)
@@ -90,6 +96,35 @@ package final class RestoreJob: @unchecked Sendable {
         Trace.mark("restore: target synced")
         progress.finish(ProgressSnapshot(phase: "restore", doneBytes: total, totalBytes: total,
                                          readBytes: counters.read.load(ordering: .relaxed), elapsedSeconds: Date().timeIntervalSince(started)))
+    }
+}
+
+/// Walks the index ahead of the restore workers and hints the store to read each chunk file
+/// (`ObjectStore.prefetch`), at most `window` positions ahead of the next position handed out.
+final class ChunkPrefetcher: @unchecked Sendable {
+    private let stopped = Atomic<Bool>(false)
+    private let finished = DispatchSemaphore(value: 0)
+
+    /// `position` tells the next position the workers will take.
+    init(store: any ObjectStore, entries: [CairnCore.Digest], window: Int, position: @escaping @Sendable () -> Int) {
+        let thread = Thread { [self] in
+            defer { finished.signal() }
+            var i = 0
+            while i < entries.count && !stopped.load(ordering: .relaxed) {
+                if i >= position() + window {
+                    usleep(500)
+                    continue
+                }
+                if !entries[i].isZero { store.prefetch(Repository.chunkKey(entries[i])) }
+                i += 1
+            }
+        }
+        thread.start()
+    }
+
+    func stop() {
+        stopped.store(true, ordering: .relaxed)
+        finished.wait()
     }
 }
 

@@ -103,6 +103,14 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
         return Array(UnsafeRawBufferPointer(rebasing: buf[0..<n]))
     }
 
+    /// Starts reading the object's file into the page cache (asynchronous readahead).
+    package func prefetch(_ key: ObjectKey) {
+        let fd = open(path(for: key), O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        _ = posix_fadvise(fd, 0, 0, POSIX_FADV_WILLNEED)
+        close(fd)
+    }
+
     package func get(_ key: ObjectKey, into buffer: inout UnsafeMutableRawBufferPointer) throws -> Int {
         let p = path(for: key)
         let fd = open(p, O_RDONLY | O_CLOEXEC)

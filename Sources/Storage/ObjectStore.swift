@@ -44,12 +44,16 @@ package protocol ObjectStore: Sendable {
     func setTemporaryOwner(_ owner: String)
     /// Removes temporaries of writers not in `liveOwners`; returns how many were removed.
     func removeStaleTemporaries(liveOwners: () throws -> Set<String>) throws -> Int
+    /// A hint that `key` will be read soon (a local store starts reading it into the page
+    /// cache). Never fails; a store may ignore it.
+    func prefetch(_ key: ObjectKey)
 }
 
 extension ObjectStore {
     package func path(for key: ObjectKey) -> String { "\(location)/\(key)" }
     package func setTemporaryOwner(_ owner: String) {}
     package func removeStaleTemporaries(liveOwners: () throws -> Set<String>) throws -> Int { 0 }
+    package func prefetch(_ key: ObjectKey) {}
 
     package func put(_ key: ObjectKey, _ bytes: [UInt8]) throws {
         try bytes.withUnsafeBytes { try put(key, $0) }

@@ -62,6 +62,7 @@ package final class RetryingStore: ObjectStore, Sendable {
     package func barrier() throws { try retrying { try base.barrier() } }
     package func path(for key: ObjectKey) -> String { base.path(for: key) }
     package func setTemporaryOwner(_ owner: String) { base.setTemporaryOwner(owner) }
+    package func prefetch(_ key: ObjectKey) { base.prefetch(key) }
     package func removeStaleTemporaries(liveOwners: () throws -> Set<String>) throws -> Int {
         try retrying { try base.removeStaleTemporaries(liveOwners: liveOwners) }
     }
