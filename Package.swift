@@ -35,6 +35,11 @@ let package = Package(
             swiftSettings: strict
         ),
         .target(
+            name: "GuestFS",
+            dependencies: ["CairnCore"],
+            swiftSettings: strict
+        ),
+        .target(
             name: "RepositoryFormat",
             dependencies: [
                 "CairnCore", "CZstd",
@@ -75,6 +80,7 @@ let package = Package(
 
         .testTarget(name: "CairnCoreTests", dependencies: ["CairnCore", "CairnTestSupport"]),
         .testTarget(name: "DiskFormatsTests", dependencies: ["DiskFormats", "CairnCore", "CairnTestSupport"]),
+        .testTarget(name: "GuestFSTests", dependencies: ["GuestFS", "CairnCore", "CairnTestSupport"]),
         .testTarget(name: "RepositoryFormatTests", dependencies: ["RepositoryFormat", "CairnCore"]),
         .testTarget(name: "StorageTests", dependencies: ["Storage", "CairnCore", "CairnTestSupport"]),
         .testTarget(name: "RepositoryTests", dependencies: ["Repository", "RepositoryFormat", "Storage", "CairnCore", "CairnTestSupport"]),

@@ -166,6 +166,11 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
 
     /// Entries of a directory except dot files; empty when it does not exist.
     package func listDirectory(_ path: String) throws -> [String] {
+        try listDirectory(path) { !$0.hasPrefix(".") }
+    }
+
+    /// Entries of a directory that `keep` accepts; empty when it does not exist.
+    private func listDirectory(_ path: String, keep: (String) -> Bool) throws -> [String] {
         guard let dir = opendir(path) else {
             if errno == ENOENT { return [] }
             throw CairnError.errno("opendir", errno, path: path)
@@ -176,8 +181,7 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
             let name = withUnsafePointer(to: ent.pointee.d_name) {
                 $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
             }
-            if name.hasPrefix(".") { continue }
-            out.append(name)
+            if keep(name) { out.append(name) }
         }
         return out
     }
@@ -220,7 +224,7 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
     package func removeStaleTemporaries(liveOwners: () throws -> Set<String>) throws -> Int {
         var removed = 0
         let names = try listDirectory("\(root)/tmp")
-        let lockTemps = try listDotTemporaries("\(root)/locks")
+        let lockTemps = try listDirectory("\(root)/locks") { $0.hasPrefix(".tmp-") }
         if names.isEmpty && lockTemps.isEmpty { return 0 }
         let live = try liveOwners()
         for name in names {
@@ -240,22 +244,5 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
             if age > LocalDirectoryStore.lockTemporaryMaxAge, unlink(path) == 0 { removed += 1 }
         }
         return removed
-    }
-
-    /// `.tmp-*` entries of a directory (which `listDirectory` hides).
-    private func listDotTemporaries(_ path: String) throws -> [String] {
-        guard let dir = opendir(path) else {
-            if errno == ENOENT { return [] }
-            throw CairnError.errno("opendir", errno, path: path)
-        }
-        defer { closedir(dir) }
-        var out: [String] = []
-        while let ent = readdir(dir) {
-            let name = withUnsafePointer(to: ent.pointee.d_name) {
-                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
-            }
-            if name.hasPrefix(".tmp-") { out.append(name) }
-        }
-        return out
     }
 }

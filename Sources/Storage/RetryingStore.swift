@@ -43,17 +43,7 @@ package final class RetryingStore: ObjectStore, Sendable {
     package func put(_ key: ObjectKey, _ bytes: UnsafeRawBufferPointer) throws { try retrying { try base.put(key, bytes) } }
     package func get(_ key: ObjectKey) throws -> [UInt8] { try retrying { try base.get(key) } }
     package func get(_ key: ObjectKey, into buffer: inout UnsafeMutableRawBufferPointer) throws -> Int {
-        var delay = firstDelay
-        for attempt in 1... {
-            do {
-                return try base.get(key, into: &buffer)
-            } catch let e as CairnError where e.code == .io && attempt < attempts {
-                if attempt == 1 { retried.add(1, ordering: .relaxed) }
-                Thread.sleep(forTimeInterval: delay * Double.random(in: 0.75...1.25))
-                delay *= 4
-            }
-        }
-        fatalError("unreachable: the last attempt returns or throws")
+        try retrying { try base.get(key, into: &buffer) }
     }
     package func exists(_ key: ObjectKey) throws -> Bool { try retrying { try base.exists(key) } }
     package func size(_ key: ObjectKey) throws -> UInt64? { try retrying { try base.size(key) } }

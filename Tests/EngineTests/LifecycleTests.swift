@@ -76,7 +76,7 @@ struct LifecycleTests {
         let repo = try E.makeRepo(dir)
         let disk = dir.file("d.raw")
         try E.denseDisk(disk, size: 512 * KiB, seed: 9)
-        let s = try E.backup(repo, [.init("d", disk)])
+        try E.backup(repo, [.init("d", disk)])
         // Orphans: what a backup killed before its manifest leaves: chunks and an index that
         // no manifest names. Made by a real backup whose manifest is then removed by hand.
         let other = dir.file("o.raw")
