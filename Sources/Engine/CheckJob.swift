@@ -101,10 +101,23 @@ package final class CheckJob: @unchecked Sendable {
                                          affected: ["snapshot \(name)"], snapshots: [name]))
         }
         // Which snapshot/disk uses which chunk, and each chunk's length.
-        var users: [CairnCore.Digest: [String]] = [:]
-        var userSnapshots: [CairnCore.Digest: [String]] = [:]
+        // Who uses each chunk, compactly (memory stays a few dozen bytes per chunk at 10^6
+        // chunks): `disks[k]` is one snapshot disk; a chunk maps to the first disk using it,
+        // and only chunks shared by several disks get a list of the others.
+        var disks: [(who: String, snapshot: String)] = []
+        var firstUser: [CairnCore.Digest: (length: Int32, disk: UInt32)] = [:]
+        var moreUsers: [CairnCore.Digest: [UInt32]] = [:]
+        func users(_ id: CairnCore.Digest) -> [String] {
+            guard let f = firstUser[id] else { return [] }
+            return ([f.disk] + (moreUsers[id] ?? [])).map { disks[Int($0)].who }
+        }
+        func userSnapshots(_ id: CairnCore.Digest) -> [String] {
+            guard let f = firstUser[id] else { return [] }
+            var out: [String] = []
+            for k in [f.disk] + (moreUsers[id] ?? []) where out.last != disks[Int(k)].snapshot { out.append(disks[Int(k)].snapshot) }
+            return out
+        }
         var indexNames = Set<String>()
-        var lengths: [CairnCore.Digest: Int] = [:]
         var indexes = 0
         for s in snapshots {
             for d in s.manifest.disks {
@@ -118,10 +131,14 @@ package final class CheckJob: @unchecked Sendable {
                 do {
                     let index = try repository.loadIndex(indexID, codec: codec)
                     indexes += 1
+                    let k = UInt32(disks.count)
+                    disks.append((who, s.id.hex))
                     for (i, id) in index.entries.enumerated() where !id.isZero {
-                        if users[id, default: []].last != who { users[id, default: []].append(who) }
-                        if userSnapshots[id, default: []].last != s.id.hex { userSnapshots[id, default: []].append(s.id.hex) }
-                        lengths[id] = index.length(ofChunk: i)
+                        if let f = firstUser[id] {
+                            if f.disk != k && moreUsers[id]?.last != k { moreUsers[id, default: []].append(k) }
+                        } else {
+                            firstUser[id] = (Int32(index.length(ofChunk: i)), k)
+                        }
                     }
                 } catch let e as CairnError {
                     problems.append(CheckProblem(kind: "index", object: indexID.hex, state: Self.state(of: e),
@@ -130,10 +147,10 @@ package final class CheckJob: @unchecked Sendable {
             }
         }
         let stored = try repository.listChunkIDs()
-        let referenced = Set(users.keys)
+        let referenced = Set(firstUser.keys)
         for id in referenced.subtracting(stored).sorted() {
             problems.append(CheckProblem(kind: "chunk", object: id.hex, state: "missing", message: "chunk \(id.hex) is missing",
-                                         affected: users[id] ?? [], snapshots: userSnapshots[id] ?? []))
+                                         affected: users(id), snapshots: userSnapshots(id)))
         }
         var chunksRead = 0
         var bytesRead: UInt64 = 0
@@ -143,7 +160,7 @@ package final class CheckJob: @unchecked Sendable {
             let next = Atomic<Int>(0)
             let bad = Mutex<[(CairnCore.Digest, CairnError)]>([])
             let doneBytes = Atomic<UInt64>(0)
-            let total = toRead.reduce(UInt64(0)) { $0 + UInt64(lengths[$1] ?? 0) }
+            let total = toRead.reduce(UInt64(0)) { $0 + UInt64(firstUser[$1]?.length ?? 0) }
             let ticker = ProgressTicker { [progress] in
                 progress.report(ProgressSnapshot(phase: "check", doneBytes: doneBytes.load(ordering: .relaxed), totalBytes: total,
                                                  elapsedSeconds: Date().timeIntervalSince(started)))
@@ -170,7 +187,7 @@ package final class CheckJob: @unchecked Sendable {
             }
             for (id, error) in bad.withLock({ $0 }).sorted(by: { $0.0 < $1.0 }) {
                 problems.append(CheckProblem(kind: "chunk", object: id.hex, state: Self.state(of: error),
-                                             message: error.description, affected: users[id] ?? [], snapshots: userSnapshots[id] ?? []))
+                                             message: error.description, affected: users(id), snapshots: userSnapshots(id)))
             }
             chunksRead = toRead.count
             bytesRead = doneBytes.load(ordering: .relaxed)
