@@ -69,7 +69,7 @@ package struct QCOW2Header: Sendable, Equatable {
             // Let the parser produce the precise message.
             return try QCOW2Header(parsing: head, fileSize: fileSize, name: source.name)
         }
-        let bits = BigEndianBytes(head).u32(at: QCOW2.Field.clusterBits) ?? 0
+        let bits = CheckedBytes(head, order: .big).u32(at: QCOW2.Field.clusterBits) ?? 0
         guard bits >= QCOW2.minClusterBits, bits <= QCOW2.maxClusterBits else {
             return try QCOW2Header(parsing: head, fileSize: fileSize, name: source.name)
         }
@@ -81,7 +81,7 @@ package struct QCOW2Header: Sendable, Equatable {
     /// Parses the header from the first bytes of an image (ideally its whole first cluster,
     /// where extensions and the backing file name live). `fileSize` bounds every offset.
     package init(parsing bytes: [UInt8], fileSize: UInt64, name: String) throws {
-        let b = BigEndianBytes(bytes)
+        let b = CheckedBytes(bytes, order: .big)
         func fail(_ message: String, at offset: Int? = nil, hint: String? = nil) -> CairnError {
             CairnError(.malformedImage, message, path: name, offset: offset.map { UInt64($0) }, hint: hint)
         }
@@ -270,7 +270,7 @@ package struct QCOW2Header: Sendable, Equatable {
 
     /// Walks the header extensions in `[start, end)`. Unknown types are skipped; an extension
     /// that overruns the area is an error.
-    private static func parseExtensions(_ b: BigEndianBytes, from start: Int, to end: Int,
+    private static func parseExtensions(_ b: CheckedBytes, from start: Int, to end: Int,
                                         fail: (String, Int) -> CairnError) throws -> Extensions {
         var out = Extensions()
         var pos = start

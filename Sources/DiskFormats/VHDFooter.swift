@@ -132,7 +132,7 @@ package struct VHDFooter: Sendable, Equatable {
 
     /// Parses and checks a footer (cookie and checksum). `copy` names it in messages.
     static func parse(_ raw: [UInt8], path: String, at offset: UInt64, copy: String) throws -> VHDFooter {
-        let b = BigEndianBytes(raw)
+        let b = CheckedBytes(raw, order: .big)
         guard b.count >= VHD.footerSize, raw.starts(with: VHD.footerCookie) else {
             throw CairnError(.malformedImage, "VHD \(copy) does not start with the cookie \"conectix\"", path: path, offset: offset)
         }
@@ -203,7 +203,7 @@ package struct VHDDynamicHeader: Sendable, Equatable {
 
     static func parse(_ raw: [UInt8], path: String, at offset: UInt64, fileSize: UInt64,
                       readLocator: (UInt64, Int) throws -> [UInt8]) throws -> VHDDynamicHeader {
-        let b = BigEndianBytes(raw)
+        let b = CheckedBytes(raw, order: .big)
         guard b.count >= VHD.dynamicHeaderSize, raw.starts(with: VHD.dynamicCookie) else {
             throw CairnError(.malformedImage, "VHD dynamic disk header does not start with the cookie \"cxsparse\"", path: path, offset: offset)
         }

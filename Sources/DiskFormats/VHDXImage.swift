@@ -158,7 +158,7 @@ package final class VHDXImage: BlockSource, Sendable {
         }
         var pos = offset
         while pos < offset + length {
-            let head = LittleEndianBytes(try file.readBytes(at: pos, count: 48))
+            let head = CheckedBytes(try file.readBytes(at: pos, count: 48))
             if head.u32(at: 0) == VHDX.logEntrySignature, head.guid(at: 32) == header.logGUID {
                 throw CairnError(.unsupported, "VHDX log is not empty (the image was not closed cleanly)", path: file.name, offset: pos,
                                  hint: "open and close it once in Hyper-V or run qemu-img check -r all")

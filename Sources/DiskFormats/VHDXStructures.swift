@@ -193,37 +193,14 @@ enum CRC32C {
     }
 }
 
-/// Little-endian reads that return nil instead of trapping when the array is too short.
-struct LittleEndianBytes {
-    let bytes: [UInt8]
-
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
-
-    var count: Int { bytes.count }
-
-    func u16(at offset: Int) -> UInt16? { value(at: offset, as: UInt16.self).map { UInt16(littleEndian: $0) } }
-    func u32(at offset: Int) -> UInt32? { value(at: offset, as: UInt32.self).map { UInt32(littleEndian: $0) } }
-    func u64(at offset: Int) -> UInt64? { value(at: offset, as: UInt64.self).map { UInt64(littleEndian: $0) } }
-
+extension CheckedBytes {
+    /// A 16-byte GUID at `offset`, or nil when it is not all there.
     func guid(at offset: Int) -> VHDX.GUID? {
-        guard offset >= 0, offset <= bytes.count, 16 <= bytes.count - offset else { return nil }
-        return VHDX.GUID(bytes: Array(bytes[offset..<offset + 16]))
-    }
-
-    private func value<T: FixedWidthInteger>(at offset: Int, as: T.Type) -> T? {
-        let width = MemoryLayout<T>.size
-        guard offset >= 0, offset <= bytes.count, width <= bytes.count - offset else { return nil }
-        return bytes.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: offset, as: T.self) }
+        slice(at: offset, count: 16).map { VHDX.GUID(bytes: Array($0)) }
     }
 }
 
 extension UnsafeMutableRawBufferPointer {
-    /// Stores `value` little-endian at `offset` (the caller sized the buffer).
-    @inline(__always)
-    func storeLittleEndian<T: FixedWidthInteger>(_ value: T, at offset: Int) {
-        storeBytes(of: value.littleEndian, toByteOffset: offset, as: T.self)
-    }
-
     func storeGUID(_ guid: VHDX.GUID, at offset: Int) {
         for (i, b) in guid.bytes.prefix(16).enumerated() { self[offset + i] = b }
     }
@@ -245,7 +222,7 @@ struct VHDXHeader: Sendable {
     /// Parses one header copy; returns why it is invalid instead of throwing, so the caller
     /// can fall back to the other copy.
     static func parse(_ raw: [UInt8]) -> Result<VHDXHeader, VHDXDefect> {
-        let b = LittleEndianBytes(raw)
+        let b = CheckedBytes(raw)
         guard b.count >= VHDX.headerSize, b.u32(at: 0) == VHDX.headerSignature else { return .failure(VHDXDefect("signature is not \"head\"")) }
         let stored = b.u32(at: VHDX.Header.checksum) ?? 0
         let computed = CRC32C.enforced ? CRC32C.checksum(Array(raw[0..<VHDX.headerSize]), zeroingFieldAt: VHDX.Header.checksum) : stored
@@ -291,7 +268,7 @@ struct VHDXRegion: Sendable {
     /// Parses a 64 KiB region table: signature "regi" (0), checksum (4), entry count (8),
     /// reserved (12), entries from 16.
     static func parseTable(_ raw: [UInt8]) -> Result<[VHDXRegion], VHDXDefect> {
-        let b = LittleEndianBytes(raw)
+        let b = CheckedBytes(raw)
         guard b.count >= VHDX.regionTableSize, b.u32(at: 0) == VHDX.regionSignature else { return .failure(VHDXDefect("signature is not \"regi\"")) }
         let stored = b.u32(at: 4) ?? 0
         let computed = CRC32C.enforced ? CRC32C.checksum(Array(raw[0..<VHDX.regionTableSize]), zeroingFieldAt: 4) : stored
@@ -364,7 +341,7 @@ struct VHDXMetadata: Sendable {
             CairnError(.malformedImage, "VHDX metadata " + message, path: path, offset: at ?? regionOffset)
         }
         guard regionLength >= UInt64(VHDX.metadataTableSize) else { throw bad("region of \(regionLength) bytes is smaller than its 64 KiB table") }
-        let table = LittleEndianBytes(try file.readBytes(at: regionOffset, count: VHDX.metadataTableSize))
+        let table = CheckedBytes(try file.readBytes(at: regionOffset, count: VHDX.metadataTableSize))
         guard table.bytes.starts(with: VHDX.metadataSignature) else { throw bad("table does not start with the signature \"metadata\"") }
         let count = table.u16(at: 10) ?? 0
         guard count <= VHDX.maxMetadataEntries else { throw bad("table entry count \(count) exceeds 2047") }
@@ -398,10 +375,10 @@ struct VHDXMetadata: Sendable {
             items[id] = try file.readBytes(at: start, count: Int(entry.length))
         }
 
-        func item(_ id: VHDX.GUID, _ what: String, minLength: Int) throws -> LittleEndianBytes {
+        func item(_ id: VHDX.GUID, _ what: String, minLength: Int) throws -> CheckedBytes {
             guard let raw = items[id] else { throw bad("has no \(what) item") }
             guard raw.count >= minLength else { throw bad("\(what) item is \(raw.count) bytes, expected \(minLength)") }
-            return LittleEndianBytes(raw)
+            return CheckedBytes(raw)
         }
         let params = try item(VHDX.fileParameters, "file parameters", minLength: 8)
         let blockSize = params.u32(at: 0) ?? 0
@@ -430,7 +407,7 @@ struct VHDXMetadata: Sendable {
     /// offset (4), value offset (4), key length (2), value length (2); strings are UTF-16LE
     /// at offsets from the start of the item. Damaged entries are skipped (names only).
     static func parseParentLocator(_ raw: [UInt8]) -> [(key: String, value: String)] {
-        let b = LittleEndianBytes(raw)
+        let b = CheckedBytes(raw)
         let count = Int(b.u16(at: 18) ?? 0)
         func string(_ offset: UInt32, _ length: UInt16) -> String? {
             let start = Int(offset), n = Int(length)

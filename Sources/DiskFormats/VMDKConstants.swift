@@ -103,32 +103,6 @@ enum VMDK {
     static let writerDescriptorSectors: UInt64 = 20
 }
 
-/// Little-endian reads from a byte array that return nil instead of trapping when the array
-/// is too short: every index that comes from a file is checked here.
-struct VMDKBytes {
-    let bytes: [UInt8]
-
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
-
-    func u16(at offset: Int) -> UInt16? { fixedWidth(at: offset) }
-    func u32(at offset: Int) -> UInt32? { fixedWidth(at: offset) }
-    func u64(at offset: Int) -> UInt64? { fixedWidth(at: offset) }
-
-    private func fixedWidth<T: FixedWidthInteger>(at offset: Int) -> T? {
-        let width = MemoryLayout<T>.size
-        guard offset >= 0, offset <= bytes.count, width <= bytes.count - offset else { return nil }
-        return T(littleEndian: bytes.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: offset, as: T.self) })
-    }
-}
-
-extension UnsafeMutableRawBufferPointer {
-    /// Stores `value` little-endian at `offset` (the caller sized the buffer).
-    @inline(__always)
-    func storeVMDKLittleEndian<T: FixedWidthInteger>(_ value: T, at offset: Int) {
-        storeBytes(of: value.littleEndian, toByteOffset: offset, as: T.self)
-    }
-}
-
 /// `n` rounded up to a multiple of `m` (m > 0; the caller rules out overflow).
 @inline(__always)
 func vmdkRoundUp(_ n: UInt64, _ m: UInt64) -> UInt64 {

@@ -324,7 +324,7 @@ final class VMDKSparseExtent: Sendable {
         var dataLength: UInt64
         if markers {
             guard UInt64(VMDK.grainMarkerHeaderSize) <= fileSize - host else { throw bad("has its grain marker cut off by the end of the file") }
-            let marker = VMDKBytes(try file.readBytes(at: host, count: VMDK.grainMarkerHeaderSize))
+            let marker = CheckedBytes(try file.readBytes(at: host, count: VMDK.grainMarkerHeaderSize))
             let lba = marker.u64(at: 0) ?? 0
             dataLength = UInt64(marker.u32(at: 8) ?? 0)
             guard lba == grain * grainSectors else { throw bad("has a grain marker for sector \(lba), expected \(grain * grainSectors)") }

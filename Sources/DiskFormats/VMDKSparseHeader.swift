@@ -36,7 +36,7 @@ struct VMDKSparseHeader: Sendable, Equatable {
     /// Decodes a header from at least 512 bytes whose first four are "KDMV"; nil otherwise.
     static func decode(_ raw: [UInt8]) -> VMDKSparseHeader? {
         guard raw.count >= VMDK.headerSize, raw.starts(with: VMDK.magicBytes) else { return nil }
-        let b = VMDKBytes(raw)
+        let b = CheckedBytes(raw)
         guard let version = b.u32(at: VMDK.Field.version), let flags = b.u32(at: VMDK.Field.flags),
               let capacity = b.u64(at: VMDK.Field.capacity), let grainSize = b.u64(at: VMDK.Field.grainSize),
               let descriptorOffset = b.u64(at: VMDK.Field.descriptorOffset),
@@ -55,22 +55,22 @@ struct VMDKSparseHeader: Sendable, Equatable {
         var out = [UInt8](repeating: 0, count: VMDK.headerSize)
         out.withUnsafeMutableBytes { h in
             for (i, byte) in VMDK.magicBytes.enumerated() { h[i] = byte }
-            h.storeVMDKLittleEndian(version, at: VMDK.Field.version)
-            h.storeVMDKLittleEndian(flags, at: VMDK.Field.flags)
-            h.storeVMDKLittleEndian(capacity, at: VMDK.Field.capacity)
-            h.storeVMDKLittleEndian(grainSize, at: VMDK.Field.grainSize)
-            h.storeVMDKLittleEndian(descriptorOffset, at: VMDK.Field.descriptorOffset)
-            h.storeVMDKLittleEndian(descriptorSize, at: VMDK.Field.descriptorSize)
-            h.storeVMDKLittleEndian(numGTEsPerGT, at: VMDK.Field.numGTEsPerGT)
-            h.storeVMDKLittleEndian(rgdOffset, at: VMDK.Field.rgdOffset)
-            h.storeVMDKLittleEndian(gdOffset, at: VMDK.Field.gdOffset)
-            h.storeVMDKLittleEndian(overHead, at: VMDK.Field.overHead)
+            h.storeLittleEndian(version, at: VMDK.Field.version)
+            h.storeLittleEndian(flags, at: VMDK.Field.flags)
+            h.storeLittleEndian(capacity, at: VMDK.Field.capacity)
+            h.storeLittleEndian(grainSize, at: VMDK.Field.grainSize)
+            h.storeLittleEndian(descriptorOffset, at: VMDK.Field.descriptorOffset)
+            h.storeLittleEndian(descriptorSize, at: VMDK.Field.descriptorSize)
+            h.storeLittleEndian(numGTEsPerGT, at: VMDK.Field.numGTEsPerGT)
+            h.storeLittleEndian(rgdOffset, at: VMDK.Field.rgdOffset)
+            h.storeLittleEndian(gdOffset, at: VMDK.Field.gdOffset)
+            h.storeLittleEndian(overHead, at: VMDK.Field.overHead)
             h[VMDK.Field.uncleanShutdown] = uncleanShutdown
             h[VMDK.Field.singleEndLineChar] = 0x0A
             h[VMDK.Field.nonEndLineChar] = 0x20
             h[VMDK.Field.doubleEndLineChar1] = 0x0D
             h[VMDK.Field.doubleEndLineChar2] = 0x0A
-            h.storeVMDKLittleEndian(compressAlgorithm, at: VMDK.Field.compressAlgorithm)
+            h.storeLittleEndian(compressAlgorithm, at: VMDK.Field.compressAlgorithm)
         }
         return out
     }
@@ -86,15 +86,15 @@ struct VMDKMarker: Equatable {
     func encoded() -> [UInt8] {
         var out = [UInt8](repeating: 0, count: Int(VMDK.sectorSize))
         out.withUnsafeMutableBytes { m in
-            m.storeVMDKLittleEndian(value, at: 0)
-            m.storeVMDKLittleEndian(size, at: 8)
-            m.storeVMDKLittleEndian(type, at: 12)
+            m.storeLittleEndian(value, at: 0)
+            m.storeLittleEndian(size, at: 8)
+            m.storeLittleEndian(type, at: 12)
         }
         return out
     }
 
     static func decode(_ bytes: [UInt8], at offset: Int) -> VMDKMarker? {
-        let b = VMDKBytes(bytes)
+        let b = CheckedBytes(bytes)
         guard let value = b.u64(at: offset), let size = b.u32(at: offset + 8), let type = b.u32(at: offset + 12) else { return nil }
         return VMDKMarker(value: value, size: size, type: type)
     }

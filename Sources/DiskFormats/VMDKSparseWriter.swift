@@ -183,7 +183,7 @@ package final class VMDKSparseWriter: BlockSink, Sendable {
             var directory = [UInt8](repeating: 0, count: Int(directorySectors * sector))
             directory.withUnsafeMutableBytes { d in
                 for i in 0..<directoryEntries {
-                    d.storeVMDKLittleEndian(UInt32(tablesAt + UInt64(i) * tableSectors), at: i * 4)
+                    d.storeLittleEndian(UInt32(tablesAt + UInt64(i) * tableSectors), at: i * 4)
                 }
             }
             try directory.withUnsafeBytes { try file.write($0, at: directoryAt * sector) }
@@ -197,7 +197,7 @@ package final class VMDKSparseWriter: BlockSink, Sendable {
                     for k in 0..<n {
                         guard let table = tables[first + k] else { continue }
                         for (e, grainSector) in table.enumerated() where grainSector != 0 {
-                            out.storeVMDKLittleEndian(grainSector, at: (k * tableEntries + e) * 4)
+                            out.storeLittleEndian(grainSector, at: (k * tableEntries + e) * 4)
                         }
                     }
                 }

@@ -146,7 +146,7 @@ package final class VMDKStreamOptimizedWriter: BlockSink, Sendable {
             var tail = VMDKMarker(value: directorySectors, size: 0, type: VMDK.Marker.grainDirectory).encoded()
             var directory = [UInt8](repeating: 0, count: Int(directorySectors * sector))
             directory.withUnsafeMutableBytes { d in
-                for (i, entry) in s.directory.enumerated() { d.storeVMDKLittleEndian(entry, at: i * 4) }
+                for (i, entry) in s.directory.enumerated() { d.storeLittleEndian(entry, at: i * 4) }
             }
             tail += directory
             tail += VMDKMarker(value: 1, size: 0, type: VMDK.Marker.footer).encoded()
@@ -213,8 +213,8 @@ package final class VMDKStreamOptimizedWriter: BlockSink, Sendable {
         let sectors = UInt64(total) / VMDK.sectorSize
         try checkSectors(s.nextSector + sectors)
         output.withUnsafeMutableBytes { out in
-            out.storeVMDKLittleEndian(g * VMDK.writerGrainSectors, at: 0)
-            out.storeVMDKLittleEndian(UInt32(compressed), at: 8)
+            out.storeLittleEndian(g * VMDK.writerGrainSectors, at: 0)
+            out.storeLittleEndian(UInt32(compressed), at: 8)
             UnsafeMutableRawBufferPointer(rebasing: out[(headerSize + compressed)..<total]).initializeMemory(as: UInt8.self, repeating: 0)
         }
         try output.withUnsafeBytes { try file.write(UnsafeRawBufferPointer(rebasing: $0[0..<total]), at: s.nextSector * VMDK.sectorSize) }
@@ -230,7 +230,7 @@ package final class VMDKStreamOptimizedWriter: BlockSink, Sendable {
         var bytes = VMDKMarker(value: tableSectors, size: 0, type: VMDK.Marker.grainTable).encoded()
         var table = [UInt8](repeating: 0, count: Int(tableSectors * VMDK.sectorSize))
         table.withUnsafeMutableBytes { t in
-            for (i, entry) in s.tableEntries.enumerated() { t.storeVMDKLittleEndian(entry, at: i * 4) }
+            for (i, entry) in s.tableEntries.enumerated() { t.storeLittleEndian(entry, at: i * 4) }
         }
         bytes += table
         try bytes.withUnsafeBytes { try file.write($0, at: s.nextSector * VMDK.sectorSize) }

@@ -1,36 +1,5 @@
 import CairnCore
 
-/// Bounds-checked little-endian reads over a byte array: every accessor returns nil instead of
-/// trapping when the field does not fit, so parsers of untrusted bytes never crash.
-struct LEBytes {
-    let bytes: [UInt8]
-
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
-
-    var count: Int { bytes.count }
-
-    func u8(at offset: Int) -> UInt8? {
-        guard offset >= 0, offset < bytes.count else { return nil }
-        return bytes[offset]
-    }
-
-    func u16(at offset: Int) -> UInt16? { uint(at: offset, width: 2).map { UInt16(truncatingIfNeeded: $0) } }
-    func u32(at offset: Int) -> UInt32? { uint(at: offset, width: 4).map { UInt32(truncatingIfNeeded: $0) } }
-    func u64(at offset: Int) -> UInt64? { uint(at: offset, width: 8) }
-
-    func slice(at offset: Int, count: Int) -> [UInt8]? {
-        guard offset >= 0, count >= 0, offset <= bytes.count, count <= bytes.count - offset else { return nil }
-        return Array(bytes[offset..<offset + count])
-    }
-
-    private func uint(at offset: Int, width: Int) -> UInt64? {
-        guard offset >= 0, offset <= bytes.count, width <= bytes.count - offset else { return nil }
-        var v: UInt64 = 0
-        for i in 0..<width { v |= UInt64(bytes[offset + i]) << (8 * UInt64(i)) }
-        return v
-    }
-}
-
 /// Standard CRC-32 (ISO-HDLC / zlib / GPT: reflected polynomial 0xEDB88320, initial value and
 /// final XOR 0xFFFFFFFF), table driven.
 enum CRC32 {
@@ -49,7 +18,8 @@ enum CRC32 {
 
 /// Text form of a 16-byte GUID as stored on disk (GPT, Microsoft "mixed endian"): the first
 /// three fields little-endian, the last two big-endian; canonical lowercase.
-func guidString(_ b: [UInt8]) -> String {
+func guidString(_ bytes: some Collection<UInt8>) -> String {
+    let b = Array(bytes)
     guard b.count == 16 else { return "" }
     func h(_ x: UInt8) -> String {
         let digits: [Character] = Array("0123456789abcdef")

@@ -41,8 +41,8 @@ struct GPTReader {
         guard lba < diskSectors, let base = mul(lba, sectorSize) else {
             throw fail(copy, "LBA \(lba) is past the end of the disk (\(diskSectors) sectors)", at: 0)
         }
-        let b = LEBytes(try disk.readBytes(at: base, count: Int(sectorSize)))
-        guard b.slice(at: 0, count: 8) == GPTHeader.signature else {
+        let b = CheckedBytes(try disk.readBytes(at: base, count: Int(sectorSize)))
+        guard b.slice(at: 0, count: 8)?.elementsEqual(GPTHeader.signature) == true else {
             throw fail(copy, "signature \"EFI PART\" missing", at: base)
         }
         let revision = b.u32(at: 8) ?? 0
@@ -53,7 +53,7 @@ struct GPTReader {
         guard headerSize >= 92, UInt64(headerSize) <= sectorSize else {
             throw fail(copy, "header size \(headerSize) is outside 92...\(sectorSize)", at: base + 12)
         }
-        var raw = b.slice(at: 0, count: Int(headerSize)) ?? []
+        var raw = Array(b.slice(at: 0, count: Int(headerSize)) ?? [])
         let storedCRC = b.u32(at: 16) ?? 0
         for i in 16..<20 { raw[i] = 0 }
         let crc = CRC32.checksum(raw)
@@ -127,14 +127,14 @@ struct GPTReader {
     /// Parses the entry array. Entry fields: type GUID (0, 16), unique GUID (16, 16), first LBA
     /// (32), last LBA (40, inclusive), attributes (48), name (56, 72 bytes UTF-16LE).
     mutating func entries(_ h: GPTHeader, _ array: [UInt8]) throws -> [Partition] {
-        let a = LEBytes(array)
+        let a = CheckedBytes(array)
         var out: [Partition] = []
         let arrayStart = h.entriesLBA &* sectorSize
         for i in 0..<Int(h.entryCount) {
             let o = i * Int(h.entrySize)
             guard let type = a.slice(at: o, count: 16), let unique = a.slice(at: o + 16, count: 16),
                   let first = a.u64(at: o + 32), let last = a.u64(at: o + 40), let attrs = a.u64(at: o + 48),
-                  let nameBytes = a.slice(at: o + 56, count: 72) else {
+                  let nameSlice = a.slice(at: o + 56, count: 72) else {
                 throw CairnError(.malformedImage, "GPT entry \(i + 1) is truncated", path: disk.name, offset: arrayStart &+ UInt64(o))
             }
             if type.allSatisfy({ $0 == 0 }) { continue }
@@ -151,6 +151,7 @@ struct GPTReader {
                 // Linux accepts these; note it (partitioning tools refuse to create them).
                 warnings.append("GPT partition \(i + 1) (LBA \(first)...\(last)) lies outside the usable range \(h.firstUsable)...\(h.lastUsable)")
             }
+            let nameBytes = Array(nameSlice)
             var units: [UInt16] = []
             for k in 0..<36 {
                 let u = UInt16(nameBytes[2 * k]) | UInt16(nameBytes[2 * k + 1]) << 8

@@ -85,7 +85,7 @@ package struct PartitionTable: Sendable, Equatable {
         }
         var table = PartitionTable(scheme: .none, partitions: [], warnings: [], diskGUID: nil, mbrDiskSignature: 0)
         guard disk.size >= UInt64(sectorSize) else { return table }
-        let mbr = LEBytes(try disk.readBytes(at: 0, count: 512))
+        let mbr = CheckedBytes(try disk.readBytes(at: 0, count: 512))
         guard mbr.u8(at: 510) == 0x55, mbr.u8(at: 511) == 0xAA else { return table }
         let entries = (0..<4).compactMap { MBREntry(mbr, slot: $0) }
         guard entries.count == 4, entries.allSatisfy({ $0.boot == 0 || $0.boot == 0x80 }) else { return table }
@@ -116,7 +116,7 @@ struct MBREntry {
     var sectors: UInt32
 
     /// The entry in slot `slot` (0-3) of the sector `b` (table at byte 446).
-    init?(_ b: LEBytes, slot: Int) {
+    init?(_ b: CheckedBytes, slot: Int) {
         let o = 446 + 16 * slot
         guard let boot = b.u8(at: o), let type = b.u8(at: o + 4), let lba = b.u32(at: o + 8), let n = b.u32(at: o + 12) else { return nil }
         self.boot = boot
@@ -182,7 +182,7 @@ extension PartitionTable {
             guard ebrOffset <= disk.size, sectorSize <= disk.size - ebrOffset else {
                 throw CairnError(.malformedImage, "EBR at sector \(ebrLBA) lies past the end of the disk", path: disk.name, offset: ebrOffset)
             }
-            let sector = LEBytes(try disk.readBytes(at: ebrOffset, count: 512))
+            let sector = CheckedBytes(try disk.readBytes(at: ebrOffset, count: 512))
             guard sector.u8(at: 510) == 0x55, sector.u8(at: 511) == 0xAA else {
                 throw CairnError(.malformedImage, "EBR at sector \(ebrLBA) has no 0x55AA signature", path: disk.name, offset: ebrOffset + 510)
             }
