@@ -3,15 +3,16 @@
 #
 #   fuzz/build.sh [TARGET...]      (default: every fuzz/targets/*.swift)
 #
-# The parsers under test (CairnCore + DiskFormats) are compiled as modules with
+# The parsers under test (CairnCore, DiskFormats, GuestFS) are compiled as modules with
 # -sanitize=fuzzer,address (coverage instrumentation, no main); each target file is linked
-# with libFuzzer's main. Outputs: fuzz/work/bin/<target>. Needs only the Swift toolchain and
+# with libFuzzer's main. Outputs: fuzz/work/bin/<target> ($FUZZ_WORK/bin when set). Needs only the Swift toolchain and
 # the Debian packages libzstd-dev and zlib1g-dev.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-OUT=$ROOT/fuzz/work/build
-BIN=$ROOT/fuzz/work/bin
+WORK=${FUZZ_WORK:-$ROOT/fuzz/work}   # FUZZ_WORK: a private work directory (parallel builds)
+OUT=$WORK/build
+BIN=$WORK/bin
 mkdir -p "$OUT/CLinuxShims" "$BIN"
 
 # CAIRN_FUZZING turns off checksum enforcement (VHDX CRC-32C) so mutations get past it.
@@ -35,6 +36,16 @@ module() {  # module NAME SOURCES...
 }
 module CairnCore "$ROOT"/Sources/CairnCore/*.swift
 module DiskFormats "$ROOT"/Sources/DiskFormats/*.swift
+# GuestFS: every file under Sources/GuestFS (readers live in subdirectories). While one reader
+# is under construction elsewhere, FUZZ_GUESTFS_DIRS="Ext4 FAT" limits it to the shared top-level
+# files plus those subdirectories.
+guestfs=("$ROOT"/Sources/GuestFS/*.swift)
+if [ -n "${FUZZ_GUESTFS_DIRS:-}" ]; then
+    for d in $FUZZ_GUESTFS_DIRS; do guestfs+=("$ROOT"/Sources/GuestFS/"$d"/*.swift); done
+else
+    while IFS= read -r f; do guestfs+=("$f"); done < <(find "$ROOT/Sources/GuestFS" -mindepth 2 -name '*.swift' | sort)
+fi
+module GuestFS "${guestfs[@]}"
 
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
@@ -43,8 +54,8 @@ fi
 for t in "${targets[@]}"; do
     rm -f "$BIN/$t"   # a failed build must not leave the previous binary to be run
     swiftc "${SAN[@]}" "${INC[@]}" -module-name "fuzz_$t" "$ROOT/fuzz/targets/$t.swift" "$ROOT"/fuzz/common/*.swift \
-        "$OUT/CairnCore.o" "$OUT/DiskFormats.o" "$OUT/shims.o" -lz -lzstd -o "$BIN/$t" 2>&1 \
+        "$OUT/CairnCore.o" "$OUT/DiskFormats.o" "$OUT/GuestFS.o" "$OUT/shims.o" -lz -lzstd -o "$BIN/$t" 2>&1 \
         | grep -v "Cannot export local symbol '__asan" >&2 || true
     [ -x "$BIN/$t" ] || { echo "fuzz target $t did not build" >&2; exit 1; }
-    echo "built fuzz/work/bin/$t"
+    echo "built $BIN/$t"
 done

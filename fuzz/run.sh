@@ -16,18 +16,19 @@ targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
     for f in fuzz/targets/*.swift; do targets+=("$(basename "$f" .swift)"); done
 fi
+WORK=${FUZZ_WORK:-fuzz/work}   # FUZZ_WORK: a private work directory (parallel runs)
 fuzz/build.sh "${targets[@]}"
 fuzz/seeds.sh "${targets[@]}"
 status=0
 total=0
 for t in "${targets[@]}"; do
-    corpus=fuzz/work/corpus/$t
-    crashes=fuzz/work/crashes/$t
+    corpus=$WORK/corpus/$t
+    crashes=$WORK/crashes/$t
     mkdir -p "$corpus" "$crashes"
-    log=fuzz/work/$t.log
+    log=$WORK/$t.log
     # -rss_limit_mb bounds a parser that allocates from a header field; -timeout catches hangs.
     mkdir -p "fuzz/regressions/$t"
-    if ASAN_OPTIONS=detect_leaks=0 "fuzz/work/bin/$t" "$corpus" "fuzz/work/seeds/$t" "fuzz/regressions/$t" \
+    if ASAN_OPTIONS=detect_leaks=0 "$WORK/bin/$t" "$corpus" "$WORK/seeds/$t" "fuzz/regressions/$t" \
         -max_total_time="$SECONDS_PER" -max_len=1048576 -timeout=10 -rss_limit_mb=2048 -seed="${FUZZ_SEED:-1}" \
         -artifact_prefix="$crashes/" -print_final_stats=1 >"$log" 2>&1; then
         runs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}')

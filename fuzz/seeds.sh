@@ -2,8 +2,8 @@
 # Makes small seed images for the fuzz targets with qemu-img (one directory per target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-S=fuzz/work/seeds
-W=fuzz/work/seedtmp
+S=${FUZZ_WORK:-fuzz/work}/seeds
+W=${FUZZ_WORK:-fuzz/work}/seedtmp
 mkdir -p "$W"
 targets=("$@")
 raw=$W/data.raw
@@ -46,6 +46,8 @@ for t in "${targets[@]}"; do
                 fi
             done ;;
         *)
-            mkdir -p "$S/$t" ;;
+            # Other targets (the file-system readers) bring their own seed script.
+            mkdir -p "$S/$t"
+            if [ -f "fuzz/seeds.d/$t.sh" ]; then SEEDS="$S/$t" WORK="$W" bash "fuzz/seeds.d/$t.sh"; fi ;;
     esac
 done
