@@ -62,14 +62,14 @@ let package = Package(
         // Layer 4.
         .target(
             name: "Engine",
-            dependencies: ["CairnCore", "DiskFormats", "RepositoryFormat", "Storage", "Repository"],
+            dependencies: ["CairnCore", "DiskFormats", "GuestFS", "RepositoryFormat", "Storage", "Repository"],
             swiftSettings: strict
         ),
         // Layer 5.
         .executableTarget(
             name: "cairn",
             dependencies: [
-                "Engine", "CairnCore", "DiskFormats", "Repository", "RepositoryFormat", "Storage",
+                "Engine", "CairnCore", "DiskFormats", "GuestFS", "Repository", "RepositoryFormat", "Storage",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict
@@ -84,7 +84,7 @@ let package = Package(
         .testTarget(name: "RepositoryFormatTests", dependencies: ["RepositoryFormat", "CairnCore"]),
         .testTarget(name: "StorageTests", dependencies: ["Storage", "CairnCore", "CairnTestSupport"]),
         .testTarget(name: "RepositoryTests", dependencies: ["Repository", "RepositoryFormat", "Storage", "CairnCore", "CairnTestSupport"]),
-        .testTarget(name: "EngineTests", dependencies: ["Engine", "DiskFormats", "Repository", "RepositoryFormat", "Storage", "CairnCore", "CairnTestSupport"]),
+        .testTarget(name: "EngineTests", dependencies: ["Engine", "DiskFormats", "GuestFS", "Repository", "RepositoryFormat", "Storage", "CairnCore", "CairnTestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["CairnCore", "CairnTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

@@ -16,11 +16,16 @@ package struct BackupDisk: Sendable {
     /// content hashes find what changed.
     package var changedRanges: [Range<UInt64>]?
     package var base: DiskIndex?
+    /// Treat blocks the guest file systems mark free as zero (docs/FILE-RESTORE.md).
+    package var skipFreeSpace: Bool
+    /// Walk the guest file systems and store a file catalog for `cairn find`.
+    package var catalog: Bool
 
     package init(name: String, source: any BlockSource, format: String, path: String,
-                 changedRanges: [Range<UInt64>]? = nil, base: DiskIndex? = nil) {
+                 changedRanges: [Range<UInt64>]? = nil, base: DiskIndex? = nil, skipFreeSpace: Bool = true, catalog: Bool = true) {
         self.name = name; self.source = source; self.format = format; self.path = path
         self.changedRanges = changedRanges; self.base = base
+        self.skipFreeSpace = skipFreeSpace; self.catalog = catalog
     }
 }
 
@@ -93,6 +98,8 @@ package final class BackupJob: @unchecked Sendable {
     package let cancel: CancellationToken
     package let workers: Int
     package let toolVersion: String
+    /// What the guest inspection could not do (a file system it could not read, ...), set by `run`.
+    package private(set) var warnings: [String] = []
 
     package init(repository: Repository, vm: String, tags: [String], disks: [BackupDisk], progress: any ProgressReporter = SilentProgress(),
                  cancel: CancellationToken = CancellationToken(), workers: Int = defaultWorkerCount(), toolVersion: String) {
@@ -116,14 +123,27 @@ package final class BackupJob: @unchecked Sendable {
         }
         var manifestDisks: [Manifest.Disk] = []
         var indexes: [DiskIndex] = []
+        var catalogIndexes: [DiskIndex?] = []
         do {
             defer { ticker.stop() }
-            for disk in disks {
+            for var disk in disks {
                 let before = (counters.read.load(ordering: .relaxed), counters.new.load(ordering: .relaxed),
                               counters.dedup.load(ordering: .relaxed), counters.zero.load(ordering: .relaxed),
                               counters.stored.load(ordering: .relaxed))
+                // The guest's file systems: free blocks become zero extents, files a catalog.
+                let guest = GuestInspection.inspect(disk.source, diskName: disk.name, freeSpace: disk.skipFreeSpace, catalog: disk.catalog)
+                warnings += guest.warnings
+                var freeBytes: UInt64 = 0
+                if disk.skipFreeSpace && !guest.freeRanges.isEmpty {
+                    let masked = MaskedBlockSource(base: disk.source, masked: guest.freeRanges)
+                    freeBytes = masked.maskedBytes
+                    disk.source = masked
+                }
+                Trace.mark("backup: disk \(disk.name) inspected, \(freeBytes) bytes free, \(guest.catalog?.entries.count ?? 0) files")
                 let index = try backupDisk(disk, known: known, counters: counters)
                 indexes.append(index)
+                let catalogIndex = try guest.catalog.map { try storeBlob($0.encode(), known: known, counters: counters) }
+                catalogIndexes.append(catalogIndex)
                 manifestDisks.append(Manifest.Disk(
                     name: disk.name, virtualSize: disk.source.size, sourceFormat: disk.format, sourcePath: disk.path, index: "",
                     chunks: index.entries.count,
@@ -131,7 +151,9 @@ package final class BackupJob: @unchecked Sendable {
                     bytesNew: counters.new.load(ordering: .relaxed) - before.1,
                     bytesDeduplicated: counters.dedup.load(ordering: .relaxed) - before.2,
                     bytesZero: counters.zero.load(ordering: .relaxed) - before.3,
-                    bytesStored: counters.stored.load(ordering: .relaxed) - before.4))
+                    bytesStored: counters.stored.load(ordering: .relaxed) - before.4,
+                    skipFreeSpace: disk.skipFreeSpace, bytesFree: disk.skipFreeSpace ? freeBytes : nil,
+                    volumes: guest.volumes))
             }
         }
         Trace.mark("backup: chunks stored")
@@ -142,6 +164,7 @@ package final class BackupJob: @unchecked Sendable {
         let codec = repository.makeCodec()
         for (i, index) in indexes.enumerated() {
             manifestDisks[i].index = try repository.writeIndex(index, codec: codec).hex
+            if let c = catalogIndexes[i] { manifestDisks[i].catalog = try repository.writeIndex(c, codec: codec).hex }
         }
         try repository.store.barrier()
         try cancel.check()
@@ -153,6 +176,34 @@ package final class BackupJob: @unchecked Sendable {
                                          readBytes: counters.read.load(ordering: .relaxed), newBytes: counters.new.load(ordering: .relaxed),
                                          elapsedSeconds: Date().timeIntervalSince(started)))
         return SnapshotEntry(id: id, manifest: manifest)
+    }
+
+    /// Stores `bytes` as chunks (deduplicated like disk data) and returns the index over them.
+    /// Chunks of a blob are not counted in the disk's byte counters except `stored`.
+    private func storeBlob(_ bytes: [UInt8], known: ChunkSet, counters: Counters) throws -> DiskIndex {
+        let chunkSize = repository.chunkSize
+        let codec = repository.makeCodec()
+        var entries: [CairnCore.Digest] = []
+        var at = 0
+        try bytes.withUnsafeBytes { raw in
+            while at < raw.count {
+                let piece = UnsafeRawBufferPointer(rebasing: raw[at..<min(at + chunkSize, raw.count)])
+                at += piece.count
+                if isAllZero(piece) { entries.append(.zero); continue }
+                let id = codec.id(of: piece)
+                entries.append(id)
+                guard known.claim(id) else { continue }
+                do {
+                    let sealed = try codec.seal(kind: .chunk, id: id, plaintext: piece)
+                    try repository.putChunk(id, sealed: sealed)
+                    counters.stored.add(UInt64(sealed.count), ordering: .relaxed)
+                } catch {
+                    known.forget(id)
+                    throw error
+                }
+            }
+        }
+        return DiskIndex(virtualSize: UInt64(bytes.count), chunkSize: chunkSize, entries: entries)
     }
 
     private func backupDisk(_ disk: BackupDisk, known: ChunkSet, counters: Counters) throws -> DiskIndex {

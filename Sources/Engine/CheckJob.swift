@@ -121,9 +121,10 @@ package final class CheckJob: @unchecked Sendable {
         var indexes = 0
         for s in snapshots {
             for d in s.manifest.disks {
-                let who = "snapshot \(s.id.short) (\(s.manifest.vm), \(s.manifest.time)) disk \(d.name)"
-                guard let indexID = CairnCore.Digest(hex: d.index) else {
-                    problems.append(CheckProblem(kind: "index", object: d.index, state: "corrupt", message: "invalid index id",
+              for (what, hex) in d.indexReferences {   // the disk index and the file catalog
+                let who = "snapshot \(s.id.short) (\(s.manifest.vm), \(s.manifest.time)) disk \(d.name)" + (what == "index" ? "" : " \(what)")
+                guard let indexID = CairnCore.Digest(hex: hex) else {
+                    problems.append(CheckProblem(kind: "index", object: hex, state: "corrupt", message: "invalid \(what) id",
                                                  affected: [who], snapshots: [s.id.hex]))
                     continue
                 }
@@ -144,6 +145,7 @@ package final class CheckJob: @unchecked Sendable {
                     problems.append(CheckProblem(kind: "index", object: indexID.hex, state: Self.state(of: e),
                                                  message: e.description, affected: [who], snapshots: [s.id.hex]))
                 }
+              }
             }
         }
         let stored = try repository.listChunkIDs()

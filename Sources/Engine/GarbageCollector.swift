@@ -66,8 +66,9 @@ package final class GarbageCollector: @unchecked Sendable {
             marks.manifests.insert(name)
             added += 1
             for disk in manifest.disks {
-                guard let indexID = CairnCore.Digest(hex: disk.index) else {
-                    throw CairnError(.corrupt, "gc stopped before deleting anything: snapshot \(name) disk \(disk.name) names an invalid index id",
+              for (what, hex) in disk.indexReferences {   // the disk index and the file catalog
+                guard let indexID = CairnCore.Digest(hex: hex) else {
+                    throw CairnError(.corrupt, "gc stopped before deleting anything: snapshot \(name) disk \(disk.name) names an invalid \(what) id",
                                      hint: "run `cairn repair`")
                 }
                 if marks.indexes.contains(indexID.hex) { continue }
@@ -75,11 +76,12 @@ package final class GarbageCollector: @unchecked Sendable {
                 do {
                     index = try repository.loadIndex(indexID, codec: codec)
                 } catch let e as CairnError {
-                    throw CairnError(.corrupt, "gc stopped before deleting anything: index \(indexID.hex) of snapshot \(name) disk \(disk.name) cannot be read (\(e.message))",
+                    throw CairnError(.corrupt, "gc stopped before deleting anything: \(what) \(indexID.hex) of snapshot \(name) disk \(disk.name) cannot be read (\(e.message))",
                                      path: e.path, hint: "run `cairn check`, then `cairn repair`")
                 }
                 marks.indexes.insert(indexID.hex)
                 for entry in index.entries where !entry.isZero { marks.chunks.insert(entry) }
+              }
             }
         }
         return added

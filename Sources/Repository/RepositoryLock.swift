@@ -142,7 +142,7 @@ extension Repository {
             }
             written = lock
             guard let (name, other) = try firstConflict(own: lock) else {
-                try store.removeStaleTemporaries { [self] in
+                _ = try store.removeStaleTemporaries { [self] in
                     Set(try readLocks().filter { name, rec in name == id || rec.map { !Repository.isStale($0) } ?? true }.keys)
                 }
                 lock.startHeartbeat()

@@ -22,12 +22,31 @@ package struct Manifest: Codable, Sendable, Equatable {
         package var bytesZero: UInt64
         /// Bytes of stored objects added (after compression and encryption).
         package var bytesStored: UInt64
+        /// Hex id of the disk's file catalog: an index (same format as a disk index) over chunks
+        /// that hold the catalog text (docs/FORMAT.md, "File catalog"). Absent when no file
+        /// system was recognised or the snapshot predates catalogs.
+        package var catalog: String?
+        /// Whether blocks the guest file systems mark free were treated as zero. Absent in
+        /// snapshots made before free-space skipping existed.
+        package var skipFreeSpace: Bool?
+        /// Bytes marked free by the guest (file systems, swap, unused LVM extents) and so neither
+        /// read nor stored (counted in `bytesZero` too).
+        package var bytesFree: UInt64?
+        /// What the disk holds, one line per volume ("p1 ext4", "p2 swap", "vg0/root xfs").
+        package var volumes: [String]?
+
+        /// The index objects this disk refers to: its disk index and, when present, its catalog.
+        package var indexReferences: [(what: String, hex: String)] {
+            [("index", index)] + (catalog.map { [("catalog", $0)] } ?? [])
+        }
 
         package init(name: String, virtualSize: UInt64, sourceFormat: String, sourcePath: String, index: String, chunks: Int,
-                     bytesRead: UInt64, bytesNew: UInt64, bytesDeduplicated: UInt64, bytesZero: UInt64, bytesStored: UInt64) {
+                     bytesRead: UInt64, bytesNew: UInt64, bytesDeduplicated: UInt64, bytesZero: UInt64, bytesStored: UInt64,
+                     catalog: String? = nil, skipFreeSpace: Bool? = nil, bytesFree: UInt64? = nil, volumes: [String]? = nil) {
             self.name = name; self.virtualSize = virtualSize; self.sourceFormat = sourceFormat; self.sourcePath = sourcePath
             self.index = index; self.chunks = chunks; self.bytesRead = bytesRead; self.bytesNew = bytesNew
             self.bytesDeduplicated = bytesDeduplicated; self.bytesZero = bytesZero; self.bytesStored = bytesStored
+            self.catalog = catalog; self.skipFreeSpace = skipFreeSpace; self.bytesFree = bytesFree; self.volumes = volumes
         }
     }
 

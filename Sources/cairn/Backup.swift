@@ -29,6 +29,12 @@ struct Backup: ParsableCommand {
     @Option(help: "Worker threads (default: two per core).")
     var workers: Int?
 
+    @Flag(help: "Read and store blocks the guest file systems mark free too (by default they are treated as zero).")
+    var noSkipFree = false
+
+    @Flag(help: "Do not walk the guest file systems to build the file catalog `cairn find` searches.")
+    var noCatalog = false
+
     @Argument(help: "Disks: NAME=PATH or PATH.")
     var disks: [String]
 
@@ -65,7 +71,8 @@ struct Backup: ParsableCommand {
         var backupDisks: [BackupDisk] = []
         for s in specs {
             let img = try ImageOpener.open(path: s.path, format: forced, backing: chains[s.name] ?? [])
-            backupDisks.append(BackupDisk(name: s.name, source: img.source, format: img.format.rawValue, path: s.path))
+            backupDisks.append(BackupDisk(name: s.name, source: img.source, format: img.format.rawValue, path: s.path,
+                                          skipFreeSpace: !noSkipFree, catalog: !noCatalog))
         }
         let repo = try options.open()
         let cancel = CancellationToken()
@@ -75,17 +82,20 @@ struct Backup: ParsableCommand {
                             workers: workers ?? defaultWorkerCount(), toolVersion: "cairn \(cairnVersion)")
         let started = Date()
         let snap = try job.run()
+        if !options.quiet { for w in job.warnings { printError("cairn: warning: \(w)") } }
         let seconds = Date().timeIntervalSince(started)
         if options.json {
             printJSONLine(["type": "summary", "id": snap.id.hex, "vm": vm, "seconds": seconds,
                            "disks": snap.manifest.disks.map { d in
                                ["name": d.name, "size": d.virtualSize, "format": d.sourceFormat, "bytes_read": d.bytesRead,
                                 "bytes_new": d.bytesNew, "bytes_deduplicated": d.bytesDeduplicated, "bytes_zero": d.bytesZero,
-                                "bytes_stored": d.bytesStored] as [String: Any]
+                                "bytes_stored": d.bytesStored, "bytes_free": d.bytesFree ?? 0, "skip_free": d.skipFreeSpace ?? false,
+                                "volumes": d.volumes ?? [], "catalog": d.catalog ?? ""] as [String: Any]
                            }])
         } else {
             for d in snap.manifest.disks {
-                print("disk \(d.name): \(ByteCount.format(d.virtualSize)) \(d.sourceFormat), read \(ByteCount.format(d.bytesRead)), new \(ByteCount.format(d.bytesNew)), deduplicated \(ByteCount.format(d.bytesDeduplicated)), zero/unallocated \(ByteCount.format(d.bytesZero)), stored \(ByteCount.format(d.bytesStored))")
+                print("disk \(d.name): \(ByteCount.format(d.virtualSize)) \(d.sourceFormat), read \(ByteCount.format(d.bytesRead)), new \(ByteCount.format(d.bytesNew)), deduplicated \(ByteCount.format(d.bytesDeduplicated)), zero/unallocated \(ByteCount.format(d.bytesZero))\(d.bytesFree.map { " (of which free in the guest \(ByteCount.format($0)))" } ?? ""), stored \(ByteCount.format(d.bytesStored))")
+                if let v = d.volumes, !v.isEmpty { print("  volumes: \(v.joined(separator: "; "))") }
             }
             print("snapshot \(snap.id.short) saved (\(String(format: "%.1f", seconds)) s)")
         }

@@ -28,7 +28,9 @@ struct Snapshots: ParsableCommand {
                  "disks": s.manifest.disks.map { d in
                      ["name": d.name, "size": d.virtualSize, "format": d.sourceFormat, "source": d.sourcePath, "index": d.index,
                       "bytes_read": d.bytesRead, "bytes_new": d.bytesNew, "bytes_deduplicated": d.bytesDeduplicated,
-                      "bytes_zero": d.bytesZero, "bytes_stored": d.bytesStored] as [String: Any]
+                      "bytes_zero": d.bytesZero, "bytes_stored": d.bytesStored, "bytes_free": d.bytesFree.map { $0 as Any } ?? NSNull(),
+                      "skip_free": d.skipFreeSpace.map { $0 as Any } ?? NSNull(), "volumes": d.volumes.map { $0 as Any } ?? NSNull(),
+                      "catalog": d.catalog.map { $0 as Any } ?? NSNull()] as [String: Any]
                  }]
             }
             let d = try JSONSerialization.data(withJSONObject: arr, options: [.prettyPrinted, .sortedKeys])
