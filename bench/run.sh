@@ -10,6 +10,11 @@
 #   BENCH_RUNS=3                    repetitions; the report gives the median of each number.
 #                                   The tool order rotates from one repetition to the next.
 #   BENCH_WARMUP=1                  one extra, unreported repetition first (0: none)
+#   CAIRN_BACKUP_FLAGS="--no-skip-free"  flags for every Cairn backup. The default reads what
+#                                   restic and borg read (the whole image), so the restore is
+#                                   byte-equal to the source and the comparison is like for like;
+#                                   "" measures Cairn with free-space skipping (the restore
+#                                   then differs from the source in guest-free blocks only).
 #   BENCH_CHUNK_SIZES="256K 1M 4M"  optional: also back up base+clone+day2 with Cairn
 #                                   repositories of these chunk sizes (once, not repeated)
 #
@@ -32,6 +37,7 @@ BENCH_TOOLS=${BENCH_TOOLS:-"cairn restic borg"}
 BENCH_RUNS=${BENCH_RUNS:-3}
 BENCH_WARMUP=${BENCH_WARMUP:-1}
 BENCH_CHUNK_SIZES=${BENCH_CHUNK_SIZES:-}
+CAIRN_BACKUP_FLAGS=${CAIRN_BACKUP_FLAGS---no-skip-free}
 CORPUS=$WORKDIR/corpus-$BENCH_SIZE
 REPOS=$WORKDIR/repos
 RESTORES=$WORKDIR/restore
@@ -189,11 +195,11 @@ run_cairn() {
     local repo=$REPOS/cairn out=$RESTORES/cairn
     mkdir -p "$out"
     CAIRN_REPO=$repo "$CAIRN" init >"$LOGS/cairn-init.log" 2>&1
-    timed "backup base" cairn env CAIRN_REPO="$repo" "$CAIRN" backup --vm base disk0="$CORPUS/base.raw"
+    timed "backup base" cairn env CAIRN_REPO="$repo" "$CAIRN" backup $CAIRN_BACKUP_FLAGS --vm base disk0="$CORPUS/base.raw"
     repo_size cairn base "$repo"
-    timed "backup clone" cairn env CAIRN_REPO="$repo" "$CAIRN" backup --vm clone disk0="$CORPUS/clone.raw"
+    timed "backup clone" cairn env CAIRN_REPO="$repo" "$CAIRN" backup $CAIRN_BACKUP_FLAGS --vm clone disk0="$CORPUS/clone.raw"
     repo_size cairn clone "$repo"
-    timed "backup day2" cairn env CAIRN_REPO="$repo" "$CAIRN" backup --vm base disk0="$CORPUS/day2.raw"
+    timed "backup day2" cairn env CAIRN_REPO="$repo" "$CAIRN" backup $CAIRN_BACKUP_FLAGS --vm base disk0="$CORPUS/day2.raw"
     repo_size cairn day2 "$repo"
     CAIRN_REPO=$repo "$CAIRN" snapshots --json >"$LOGS/cairn-snapshots.json" 2>&1 || true
     CAIRN_REPO=$repo "$CAIRN" stats --json >"$LOGS/cairn-stats.json" 2>&1 || true
@@ -211,9 +217,9 @@ run_cairn() {
     # qcow2 input: the same two days from qcow2 images, into a separate repository.
     repo=$REPOS/cairn-qcow2
     CAIRN_REPO=$repo "$CAIRN" init >"$LOGS/cairn-qcow2-init.log" 2>&1
-    timed "backup base.qcow2" cairn-qcow2 env CAIRN_REPO="$repo" "$CAIRN" backup --vm base disk0="$CORPUS/base.qcow2"
+    timed "backup base.qcow2" cairn-qcow2 env CAIRN_REPO="$repo" "$CAIRN" backup $CAIRN_BACKUP_FLAGS --vm base disk0="$CORPUS/base.qcow2"
     repo_size cairn-qcow2 base "$repo"
-    timed "backup day2.qcow2" cairn-qcow2 env CAIRN_REPO="$repo" "$CAIRN" backup --vm base disk0="$CORPUS/day2.qcow2"
+    timed "backup day2.qcow2" cairn-qcow2 env CAIRN_REPO="$repo" "$CAIRN" backup $CAIRN_BACKUP_FLAGS --vm base disk0="$CORPUS/day2.qcow2"
     repo_size cairn-qcow2 day2 "$repo"
     mkdir -p "$out"
     timed "restore day2 to raw" cairn-qcow2 env CAIRN_REPO="$repo" "$CAIRN" restore latest --vm base \
@@ -226,11 +232,11 @@ run_cairn() {
 run_cairn_chunk() {
     local size=$1 repo=$REPOS/cairn-chunk-$1 tool=cairn-chunk-$1
     CAIRN_REPO=$repo "$CAIRN" init --chunk-size "$size" >"$LOGS/$tool-init.log" 2>&1
-    timed "backup base" "$tool" env CAIRN_REPO="$repo" "$CAIRN" backup --vm base disk0="$CORPUS/base.raw"
+    timed "backup base" "$tool" env CAIRN_REPO="$repo" "$CAIRN" backup $CAIRN_BACKUP_FLAGS --vm base disk0="$CORPUS/base.raw"
     repo_size "$tool" base "$repo"
-    timed "backup clone" "$tool" env CAIRN_REPO="$repo" "$CAIRN" backup --vm clone disk0="$CORPUS/clone.raw"
+    timed "backup clone" "$tool" env CAIRN_REPO="$repo" "$CAIRN" backup $CAIRN_BACKUP_FLAGS --vm clone disk0="$CORPUS/clone.raw"
     repo_size "$tool" clone "$repo"
-    timed "backup day2" "$tool" env CAIRN_REPO="$repo" "$CAIRN" backup --vm base disk0="$CORPUS/day2.raw"
+    timed "backup day2" "$tool" env CAIRN_REPO="$repo" "$CAIRN" backup $CAIRN_BACKUP_FLAGS --vm base disk0="$CORPUS/day2.raw"
     repo_size "$tool" day2 "$repo"
     rm -rf "$repo"
 }

@@ -7,6 +7,12 @@ packages=(
   libzstd-dev zlib1g-dev pkg-config   # build: zstd and zlib (qcow2 deflate clusters)
   qemu-utils                          # qemu-img / qemu-io: the referee for disk formats
   e2fsprogs fdisk                     # mke2fs -d, e2fsck, debugfs, sfdisk: guest fixtures
+  dosfstools mtools                   # mkfs.vfat, fsck.fat, mcopy/mdir: FAT fixtures and referee
+  xfsprogs                            # mkfs.xfs, xfs_db, xfs_repair: XFS fixtures and referee
+  ntfs-3g                             # mkntfs, ntfscp, ntfsls, ntfs-3g (FUSE): NTFS fixtures and referee
+  lvm2                                # pvcreate/vgcreate/lvcreate (metadata only, no device-mapper): LVM fixtures
+  util-linux                          # mkswap, losetup, blkid
+  attr python3                        # setfattr (NTFS attributes via ntfs-3g), fuzz seed cutting
   strace                              # the write-order test watches the syscalls of a backup
 )
 

@@ -70,7 +70,7 @@ struct Ls: ParsableCommand {
     @Flag(name: .short, help: "Long format: mode, owner, size, modification time (UTC), link target.")
     var long = false
 
-    @Flag(name: .short, help: "List subdirectories recursively.")
+    @Flag(name: .customShort("R"), help: "List subdirectories recursively.")
     var recursive = false
 
     @Argument(help: "SNAPSHOT[:DISK]")

@@ -116,18 +116,24 @@ struct RestoreFiles: ParsableCommand {
                     let want = Int(min(UInt64(buffer.count), item.meta.size - offset))
                     let n = try item.fs.read(item.node, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<want]), at: offset)
                     if n == 0 { break }
-                    if isAllZero(UnsafeRawBufferPointer(rebasing: buffer[0..<n])) {
-                        // Holes stay holes.
-                        guard lseek(fd, off_t(offset) + off_t(n), SEEK_SET) >= 0 else { throw posixError("cannot seek in \(item.target)") }
-                    } else {
-                        var w = 0
-                        while w < n {
-                            let r = pwrite(fd, buffer.baseAddress! + w, n - w, off_t(offset) + off_t(w))
-                            if r < 0 {
-                                if errno == EINTR { continue }
-                                throw posixError("cannot write \(item.target)")
+                    // Only non-zero 4 KiB blocks are written: holes (and zeros) stay holes.
+                    var block = 0
+                    while block < n {
+                        var end = block
+                        while end < n && !isAllZero(UnsafeRawBufferPointer(rebasing: buffer[end..<min(end + 4096, n)])) { end = min(end + 4096, n) }
+                        if end > block {
+                            var w = block
+                            while w < end {
+                                let r = pwrite(fd, buffer.baseAddress! + w, end - w, off_t(offset) + off_t(w))
+                                if r < 0 {
+                                    if errno == EINTR { continue }
+                                    throw posixError("cannot write \(item.target)")
+                                }
+                                w += r
                             }
-                            w += r
+                            block = end
+                        } else {
+                            block = min(block + 4096, n)
                         }
                     }
                     offset += UInt64(n)
