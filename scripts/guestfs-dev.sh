@@ -14,7 +14,13 @@ DEV=${DEV_ROOT:-/work/dev}/$NAME
 mkdir -p "$DEV/Sources/GuestFS" "$DEV/Tests/GuestFSTests" "$ROOT/Sources/GuestFS/$NAME" "$ROOT/Tests/GuestFSTests/$NAME"
 for t in CLinuxShims CairnCore Storage CairnTestSupport; do ln -sfn "$ROOT/Sources/$t" "$DEV/Sources/$t"; done
 find "$DEV/Sources/GuestFS" -maxdepth 1 -type l -delete
-for f in "$ROOT"/Sources/GuestFS/*.swift; do ln -sfn "$f" "$DEV/Sources/GuestFS/$(basename "$f")"; done
+for f in "$ROOT"/Sources/GuestFS/*.swift; do
+    # The registry names every reader; the dev package has only one, so it gets an empty one.
+    [ "$(basename "$f")" = FileSystemReaders.swift ] && continue
+    ln -sfn "$f" "$DEV/Sources/GuestFS/$(basename "$f")"
+done
+rm -f "$DEV/Sources/GuestFS/FileSystemReaders.swift"
+printf 'extension FileSystemReader {\n    package static let all: [FileSystemReader] = []\n}\n' >"$DEV/Sources/GuestFS/DevReaders.swift"
 ln -sfn "$ROOT/Sources/GuestFS/$NAME" "$DEV/Sources/GuestFS/$NAME"
 ln -sfn "$ROOT/Tests/GuestFSTests/$NAME" "$DEV/Tests/GuestFSTests/$NAME"
 cat >"$DEV/Package.swift" <<PKG

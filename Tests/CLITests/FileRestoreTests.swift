@@ -8,12 +8,13 @@ import Glibc
 
 /// A partitioned guest disk made with the real tools: GPT (sfdisk) with an ext4 root
 /// (mke2fs -d from a tree this test writes), swap full of stale bytes (mkswap), and a FAT16
-/// data partition (mkfs.vfat + mcopy).
+/// data partition (mkfs.vfat + mcopy) and an NTFS partition (mkntfs + ntfscp).
 struct GuestDisk {
-    static let size = 96 * MiB
+    static let size = 128 * MiB
     static let p1 = (start: 1 * MiB, size: 48 * MiB)
     static let p2 = (start: 49 * MiB, size: 8 * MiB)
     static let p3 = (start: 57 * MiB, size: 32 * MiB)
+    static let p4 = (start: 89 * MiB, size: 32 * MiB)
     static let fixedTime = "2024-03-01 12:34:56"
 
     /// Writes the ext4 source tree into `root`. `version` 2 changes, adds and removes files.
@@ -56,6 +57,7 @@ struct GuestDisk {
             start=\(p1.start / 512), size=\(p1.size / 512), type=0FC63DAF-8483-4772-8E79-3D69D8477DE4
             start=\(p2.start / 512), size=\(p2.size / 512), type=0657FD6D-A4AB-43C4-84E5-0933C84B4F4F
             start=\(p3.start / 512), size=\(p3.size / 512), type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7
+            start=\(p4.start / 512), size=\(p4.size / 512), type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7
 
             """
         try Tool.run("sfdisk", ["-q", path], stdin: Data(script.utf8))
@@ -83,6 +85,16 @@ struct GuestDisk {
         #expect(FileManager.default.createFile(atPath: fatSrc + "/README.TXT", contents: Data(rng.bytes(70_000))))
         try Tool.run("mcopy", ["-s", "-m", "-i", fat, fatSrc + "/docs", fatSrc + "/README.TXT", "::/"], environment: ["MTOOLS_SKIP_CHECK": "1"])
         try Tool.run("dd", ["if=\(fat)", "of=\(path)", "bs=1M", "seek=\(p3.start / MiB)", "conv=notrunc", "status=none"])
+        // NTFS with one file.
+        let ntfs = scratch.file("p4-\(seed).ntfs")
+        try? FileManager.default.removeItem(atPath: ntfs)
+        try Tool.run("truncate", ["-s", "\(p4.size)", ntfs])
+        try Tool.run("mkntfs", ["-F", "-f", "-q", "-L", "WINDATA", ntfs])
+        let winFile = scratch.file("win-\(seed).bin")
+        #expect(FileManager.default.createFile(atPath: winFile, contents: Data(rng.bytes(200_000))))
+        try Tool.run("ntfscp", ["-f", ntfs, winFile, "/Invoice.bin"])
+        try Tool.run("ntfsfix", ["-n", ntfs])
+        try Tool.run("dd", ["if=\(ntfs)", "of=\(path)", "bs=1M", "seek=\(p4.start / MiB)", "conv=notrunc", "status=none"])
     }
 
     static func writeAt(_ path: String, offset: Int, _ bytes: [UInt8]) throws {
@@ -116,6 +128,7 @@ struct FileRestoreTests {
         #expect(volumes.contains { $0.hasPrefix("p1 ext4") }, "\(volumes)")
         #expect(volumes.contains("p2 swap"), "\(volumes)")
         #expect(volumes.contains { $0.hasPrefix("p3 vfat") }, "\(volumes)")
+        #expect(volumes.contains { $0.hasPrefix("p4 ntfs") }, "\(volumes)")
         #expect((disk.int("bytes_free") ?? 0) > GuestDisk.p2.size - 8192, "swap and free blocks count as free: \(disk)")
         #expect((disk.int("bytes_new") ?? .max) < 20 * MiB, "the stale swap bytes are not stored: \(disk)")
         let snaps1 = try env.snapshots()
@@ -124,7 +137,7 @@ struct FileRestoreTests {
 
         // ls: volumes at the top, then directories.
         let top = try env.expect(0, ["ls", id1])
-        #expect(top.stdout.split(separator: "\n") == ["p1/", "p2/", "p3/"], "\(top)")
+        #expect(top.stdout.split(separator: "\n") == ["p1/", "p2/", "p3/", "p4/"], "\(top)")
         let etc = try env.expect(0, ["ls", id1, "/p1/etc"])
         #expect(Set(etc.stdout.split(separator: "\n").map(String.init)) == ["hostname", "changing.conf", "removed.conf", "long-link"], "\(etc)")
         let long = try env.expect(0, ["ls", "-l", id1, "/p1/home/alice"])
@@ -144,6 +157,8 @@ struct FileRestoreTests {
         #expect(viaLink.stdout == "unicode name\n")
         let readme = try env.expect(0, ["cat", id1, "/p3/README.TXT"])
         #expect(readme.stdoutData.count == 70_000)
+        let invoice = try env.expect(0, ["cat", id1, "/p4/Invoice.bin"])
+        #expect(invoice.stdoutData == FileManager.default.contents(atPath: env.dir.file("win-1.bin")))
         let missing = try env.expect(1, ["cat", id1, "/p1/etc/nope"])
         #expect(missing.stderr.contains("no \"nope\""), "\(missing)")
 
@@ -179,11 +194,15 @@ struct FileRestoreTests {
         // every file is identical.
         let restored = env.file("disk1-restored.raw")
         try env.expect(0, ["restore", id1, "--to", restored])
-        let p1 = env.file("p1-restored.ext4"), p3 = env.file("p3-restored.fat")
+        let p1 = env.file("p1-restored.ext4"), p3 = env.file("p3-restored.fat"), p4 = env.file("p4-restored.ntfs")
         try GuestDisk.extract(restored, offset: GuestDisk.p1.start, length: GuestDisk.p1.size, to: p1)
         try GuestDisk.extract(restored, offset: GuestDisk.p3.start, length: GuestDisk.p3.size, to: p3)
         try Tool.run("e2fsck", ["-fn", p1])
+        try GuestDisk.extract(restored, offset: GuestDisk.p4.start, length: GuestDisk.p4.size, to: p4)
         try Tool.run("fsck.fat", ["-n", p3])
+        try Tool.run("ntfsfix", ["-n", p4])
+        let restoredInvoice = try Tool.run("ntfscat", [p4, "/Invoice.bin"])
+        #expect(restoredInvoice.stdoutData == FileManager.default.contents(atPath: env.dir.file("win-1.bin")))
         let dumped = env.file("dumped")
         try FileManager.default.createDirectory(atPath: dumped, withIntermediateDirectories: true)
         try Tool.run("debugfs", ["-R", "rdump / \(dumped)", p1])
