@@ -159,7 +159,10 @@ struct FATBootSector: Sendable {
             throw bad("reserved sectors, FATs and root directory (\(metaSectors) sectors) do not fit in the \(totalSectors) sectors of the volume", 14)
         }
         clusterCount = (totalSectors - metaSectors) / sectorsPerCluster
-        type = FATType.forClusterCount(clusterCount)
+        // A zero 16-bit FAT size means FAT32 whatever the cluster count: Linux decides so
+        // (fs/fat/inode.c), and `mkfs.fat -F 32` makes such small volumes (EFI system
+        // partitions). Otherwise the cluster count decides, as Microsoft's specification says.
+        type = f16 == 0 ? .fat32 : FATType.forClusterCount(clusterCount)
         let volumeBytes = totalSectors * bytesPerSector
         guard volumeBytes <= volume.size else {
             throw CairnError(.malformedImage, "the FAT file system is \(volumeBytes) bytes long but its volume has only \(volume.size) bytes",
@@ -192,10 +195,6 @@ struct FATBootSector: Sendable {
             serialOffset = 67
             labelOffset = 71
             signatureOffset = 66
-        } else if f16 == 0 {
-            throw CairnError(.unsupported,
-                             "FAT32-style boot sector with only \(clusterCount) clusters: by cluster count this is \(type.rawValue), which has no 32-bit FAT size",
-                             path: name, offset: 22, hint: "Microsoft's rule needs at least 65525 clusters for FAT32")
         } else if rootEntries == 0 {
             throw bad("\(type.rawValue) file system without root directory entries", 17)
         }

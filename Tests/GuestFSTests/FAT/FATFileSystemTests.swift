@@ -388,3 +388,25 @@ struct FATFuzzVolume: BlockSource {
         return [Extent(offset: range.lowerBound, length: end - range.lowerBound, kind: .data)]
     }
 }
+
+/// `mkfs.fat -F 32` on a small volume (fewer than 65525 clusters, as small EFI system
+/// partitions are) makes a FAT32 boot sector that Linux mounts as FAT32: so does Cairn.
+/// (mtools refuses to write into one, so the volume stays empty: its root, label and free
+/// space are checked against fsck.fat.)
+@Suite("FAT32 below 65525 clusters")
+struct SmallFAT32Tests {
+    @Test("a 40 MiB mkfs.fat -F 32 -s 2 volume (40626 clusters) reads as FAT32")
+    func smallFAT32() throws {
+        let dir = try TempDir("fat32-small")
+        let img = dir.file("esp.img")
+        try Tool.run("mkfs.vfat", ["-F", "32", "-s", "2", "-n", "ESP", "-C", img, "\(40 * 1024)"])
+        let fsck = try Tool.run("fsck.fat", ["-n", "-v", img])
+        #expect(fsck.stdout.contains("40626 data clusters"), "\(fsck.stdout)")
+        let fs = try FATFileSystem(volume: FileBlockSource(path: img))
+        #expect(fs.fatType == .fat32, "FAT32 by its boot sector")
+        #expect(fs.label == "ESP")
+        #expect(try fs.directory(fs.rootNode).isEmpty)
+        let free = try fs.freeRanges().reduce(UInt64(0)) { $0 + $1.upperBound - $1.lowerBound }
+        #expect(free == 40625 * 1024, "all clusters but the root's are free")
+    }
+}
