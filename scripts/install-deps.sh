@@ -12,7 +12,7 @@ packages=(
   ntfs-3g                             # mkntfs, ntfscp, ntfsls, ntfs-3g (FUSE): NTFS fixtures and referee
   lvm2                                # pvcreate/vgcreate/lvcreate (metadata only, no device-mapper): LVM fixtures
   util-linux                          # mkswap, losetup, blkid
-  attr python3                        # setfattr (NTFS attributes via ntfs-3g), fuzz seed cutting
+  attr python3 perl                   # setfattr (NTFS attributes via ntfs-3g), fuzz seed cutting
   strace                              # the write-order test watches the syscalls of a backup
 )
 
