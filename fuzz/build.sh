@@ -46,7 +46,7 @@ if [ -n "${FUZZ_GUESTFS_DIRS:-}" ]; then
     for f in "$ROOT"/Sources/GuestFS/*.swift; do [ "$(basename "$f")" = FileSystemReaders.swift ] || guestfs+=("$f"); done
     printf 'extension FileSystemReader {\n    package static let all: [FileSystemReader] = []\n}\n' >"$OUT/DevReaders.swift"
     guestfs+=("$OUT/DevReaders.swift")
-    for d in $FUZZ_GUESTFS_DIRS; do guestfs+=("$ROOT"/Sources/GuestFS/"$d"/*.swift); done
+    for d in $(printf '%s\n' LVM $FUZZ_GUESTFS_DIRS | sort -u); do guestfs+=("$ROOT"/Sources/GuestFS/"$d"/*.swift); done   # LVM: used by the shared files
 else
     while IFS= read -r f; do guestfs+=("$f"); done < <(find "$ROOT/Sources/GuestFS" -mindepth 2 -name '*.swift' | sort)
 fi

@@ -4,7 +4,7 @@
 #   scripts/guestfs-dev.sh NAME       (-> /work/dev/NAME)
 #
 # It links CairnCore, Storage, CairnTestSupport and the shared GuestFS files (top level of
-# Sources/GuestFS) from this checkout, plus only Sources/GuestFS/NAME/ and
+# Sources/GuestFS, with LVM which they use) from this checkout, plus only Sources/GuestFS/NAME/ and
 # Tests/GuestFSTests/NAME/, so a reader builds and tests without swift-crypto and without the
 # other readers under construction. `swift test` there runs only that reader's tests.
 set -euo pipefail
@@ -22,6 +22,8 @@ done
 rm -f "$DEV/Sources/GuestFS/FileSystemReaders.swift"
 printf 'extension FileSystemReader {\n    package static let all: [FileSystemReader] = []\n}\n' >"$DEV/Sources/GuestFS/DevReaders.swift"
 ln -sfn "$ROOT/Sources/GuestFS/$NAME" "$DEV/Sources/GuestFS/$NAME"
+# LVM is part of the volume layer the shared files use (LVMScan), so every dev package has it.
+[ "$NAME" = LVM ] || ln -sfn "$ROOT/Sources/GuestFS/LVM" "$DEV/Sources/GuestFS/LVM"
 ln -sfn "$ROOT/Tests/GuestFSTests/$NAME" "$DEV/Tests/GuestFSTests/$NAME"
 cat >"$DEV/Package.swift" <<PKG
 // swift-tools-version: 6.1

@@ -119,8 +119,8 @@ package struct DiskLayout: Sendable {
             v.content = .swap
             return v
         }
-        if let vg = LVMScan.volumeGroupName(source) {
-            v.content = .lvmPhysicalVolume(volumeGroup: vg)
+        if let lvm = LVMScan.classify(source, name: name.isEmpty ? "disk" : name, warnings: &warnings) {
+            v.content = lvm
             return v
         }
         for r in readers where r.probe(source) {
@@ -165,12 +165,13 @@ package struct DiskLayout: Sendable {
                 }
             case .swap:
                 if v.source.size > Self.swapPageSize { out += v.toDisk(Self.swapPageSize..<v.source.size) }
-            case .lvmPhysicalVolume:
-                out += LVMScan.unusedDiskRanges(of: v)
-            case .damaged, .unrecognized:
+            case .lvmPhysicalVolume, .damaged, .unrecognized:
                 break
             }
         }
+        out += LVMScan.unusedDiskRanges(of: volumes.filter {
+            if case .lvmPhysicalVolume = $0.content { return true } else { return false }
+        })
         out.sort { $0.lowerBound < $1.lowerBound }
         var merged: [Range<UInt64>] = []
         for r in out where !r.isEmpty {

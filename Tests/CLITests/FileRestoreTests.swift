@@ -310,6 +310,70 @@ struct FileRestoreTests {
         #expect(Set(ls.stdout.split(separator: "\n").map(String.init)) == Set(kept.keys))
     }
 
+    /// MBR disk whose second partition is an LVM2 physical volume (made by pvcreate/vgcreate/
+    /// lvcreate on a loop device, metadata only: there is no device-mapper here) holding an
+    /// ext4 logical volume. The PV starts full of stale bytes: its unused extents are skipped.
+    @Test("LVM: /VG/LV paths list and read files; unused extents are skipped; the LV restores e2fsck-clean")
+    func lvmDisk() throws {
+        let env = try CLIEnv("file-restore-lvm")
+        try env.expect(0, ["init", "--encryption", "none"])
+        let vg = "cairnvg\(UInt32.random(in: 0...UInt32.max))"
+        let pvFile = env.file("pv.img")
+        var rng = SeededRandom(seed: 55)
+        #expect(FileManager.default.createFile(atPath: pvFile, contents: Data(rng.bytes(40 * MiB))))
+        let loop = try Tool.run("losetup", ["-f", "--show", pvFile]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        var lvOffset = 0
+        do {
+            // Only detached at the end, never vgremove'd: the PV image must keep its metadata.
+            defer { _ = try? Tool.run("losetup", ["-d", loop], check: false) }
+            try Tool.run("pvcreate", ["-q", "-f", loop])
+            try Tool.run("vgcreate", ["-q", vg, loop])
+            try Tool.run("lvcreate", ["--driverloaded", "n", "-an", "-Zn", "-y", "-L", "16M", "-n", "root", vg])
+            let peStart = try Tool.run("pvs", ["--driverloaded", "n", "--noheadings", "--nosuffix", "--units", "b", "-o", "pe_start", loop])
+            lvOffset = Int(peStart.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1
+        }
+        #expect(lvOffset == 1 * MiB, "pe_start \(lvOffset)")
+        let tree = env.file("tree")
+        try FileManager.default.createDirectory(atPath: tree + "/etc", withIntermediateDirectories: true)
+        #expect(FileManager.default.createFile(atPath: tree + "/etc/fstab", contents: Data("/dev/\(vg)/root / ext4 defaults 0 1\n".utf8)))
+        let ext = env.file("root.ext4")
+        try Tool.run("mke2fs", ["-q", "-F", "-t", "ext4", "-d", tree, ext, "16M"])
+        try Tool.run("dd", ["if=\(ext)", "of=\(pvFile)", "bs=1M", "seek=\(lvOffset / MiB)", "conv=notrunc", "status=none"])
+        let disk = env.file("disk.raw")
+        try Tool.run("truncate", ["-s", "\(48 * MiB)", disk])
+        try Tool.run("sfdisk", ["-q", disk], stdin: Data("label: dos\nstart=2048, size=8192, type=83\nstart=10240, size=81920, type=8e\n".utf8))
+        try Tool.run("dd", ["if=\(pvFile)", "of=\(disk)", "bs=1M", "seek=5", "conv=notrunc", "status=none"])
+
+        let b = try summaryDisks(env.expect(0, ["backup", "--vm", "lvm", "--json", disk]).stdout).first
+        let volumes = b?["volumes"] as? [String] ?? []
+        #expect(volumes.contains("p2 LVM2 PV (\(vg))"), "\(volumes)")
+        #expect(volumes.contains { $0.hasPrefix("\(vg)/root ext4") }, "\(volumes)")
+        // 40 MiB PV: 16 MiB LV (mostly free ext4 space), ~23 MiB of unused extents, all stale bytes.
+        #expect((b?.int("bytes_free") ?? 0) >= 30 * MiB, "\(String(describing: b))")
+        let id = try #require(try env.snapshots().first?.string("id"))
+        let top = try env.expect(0, ["ls", id])
+        #expect(top.stdout.contains("\(vg)/"), "\(top)")
+        let lvs = try env.expect(0, ["ls", id, "/\(vg)"])
+        #expect(lvs.stdout.split(separator: "\n") == ["root/"], "\(lvs)")
+        let fstab = try env.expect(0, ["cat", id, "/\(vg)/root/etc/fstab"])
+        #expect(fstab.stdout == "/dev/\(vg)/root / ext4 defaults 0 1\n")
+        let found = try env.expect(0, ["find", "fstab"])
+        #expect(found.stdout.contains("/\(vg)/root/etc/fstab"), "\(found)")
+
+        let restored = env.file("restored.raw")
+        try env.expect(0, ["restore", id, "--to", restored])
+        let lvCopy = env.file("root-restored.ext4")
+        try Tool.run("dd", ["if=\(restored)", "of=\(lvCopy)", "bs=1M", "skip=\(5 + lvOffset / MiB)", "count=16", "status=none"])
+        try Tool.run("e2fsck", ["-fn", lvCopy])
+        // The LVM metadata survived: LVM itself still reads the restored PV.
+        let pvCopy = env.file("pv-restored.img")
+        try Tool.run("dd", ["if=\(restored)", "of=\(pvCopy)", "bs=1M", "skip=5", "count=40", "status=none"])
+        let loop2 = try Tool.run("losetup", ["-f", "--show", pvCopy]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        defer { _ = try? Tool.run("losetup", ["-d", loop2], check: false) }
+        let report = try Tool.run("lvs", ["--driverloaded", "n", "--noheadings", "-o", "lv_name", vg])
+        #expect(report.stdout.contains("root"), "\(report.stdout)")
+    }
+
     private func summaryDisks(_ stdout: String) throws -> [[String: Any]] {
         let summary = stdout.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
             .first { $0.string("type") == "summary" }
