@@ -13,6 +13,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
         // System libraries (Debian: libzstd-dev, zlib1g-dev).
@@ -57,6 +58,12 @@ let package = Package(
         .target(
             name: "Repository",
             dependencies: ["CairnCore", "RepositoryFormat", "Storage"],
+            swiftSettings: strict
+        ),
+        // Layer 3: the NBD server (instant restore), over any block source.
+        .target(
+            name: "NBDServer",
+            dependencies: ["CairnCore", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")],
             swiftSettings: strict
         ),
         // Layer 4.

@@ -131,7 +131,10 @@ package final class BackupJob: @unchecked Sendable {
                               counters.dedup.load(ordering: .relaxed), counters.zero.load(ordering: .relaxed),
                               counters.stored.load(ordering: .relaxed))
                 // The guest's file systems: free blocks become zero extents, files a catalog.
-                let guest = GuestInspection.inspect(disk.source, diskName: disk.name, freeSpace: disk.skipFreeSpace, catalog: disk.catalog)
+                // (Both off: the guest is not looked at, not even its partition table.)
+                let guest = disk.skipFreeSpace || disk.catalog
+                    ? GuestInspection.inspect(disk.source, diskName: disk.name, freeSpace: disk.skipFreeSpace, catalog: disk.catalog)
+                    : GuestInspection(freeRanges: [], catalog: nil, volumes: [], warnings: [])
                 warnings += guest.warnings
                 var freeBytes: UInt64 = 0
                 if disk.skipFreeSpace && !guest.freeRanges.isEmpty {
@@ -153,7 +156,7 @@ package final class BackupJob: @unchecked Sendable {
                     bytesZero: counters.zero.load(ordering: .relaxed) - before.3,
                     bytesStored: counters.stored.load(ordering: .relaxed) - before.4,
                     skipFreeSpace: disk.skipFreeSpace, bytesFree: disk.skipFreeSpace ? freeBytes : nil,
-                    volumes: guest.volumes))
+                    volumes: disk.skipFreeSpace || disk.catalog ? guest.volumes : nil))
             }
         }
         Trace.mark("backup: chunks stored")

@@ -28,7 +28,7 @@ struct SparseAndDedupTests {
 
         let repo = try E.makeRepo(dir, chunkSize: 1 * MiB)
         let source = CountingSource(try ImageOpener.open(path: src).source)
-        let snap = try E.backup(repo, source: source, name: "big")
+        let snap = try E.backup(repo, source: source, name: "big", guest: false)   // every byte read is counted
         let d = try E.disk(snap)
         #expect(d.virtualSize == UInt64(size))
         #expect(d.chunks == 1024)
@@ -85,7 +85,7 @@ struct SparseAndDedupTests {
         try E.qemuIO(img, ["write -P 0x31 0 1M", "write -P 0x32 300M 2M", "write -z 600M 64M", "write -z 1000M 24M"])
         let repo = try E.makeRepo(dir, chunkSize: 1 * MiB)
         let source = CountingSource(try ImageOpener.open(path: img).source)
-        let snap = try E.backup(repo, source: source, name: "big")
+        let snap = try E.backup(repo, source: source, name: "big", guest: false)   // every byte read is counted
         let d = try E.disk(snap)
         #expect(d.bytesRead <= UInt64(4 * MiB))
         #expect(d.bytesZero >= UInt64((1 << 30) - 4 * MiB))
@@ -191,7 +191,8 @@ struct SparseAndDedupTests {
 
         let source = CountingSource(try FileBlockSource(path: disk))
         let job = BackupJob(repository: repo, vm: "cbt", tags: [],
-                            disks: [BackupDisk(name: "vda", source: source, format: "raw", path: disk, changedRanges: ranges, base: base)],
+                            disks: [BackupDisk(name: "vda", source: source, format: "raw", path: disk, changedRanges: ranges, base: base,
+                                                       skipFreeSpace: false, catalog: false)],
                             workers: 3, toolVersion: "test")
         let s2 = try job.run()
         let d = try E.disk(s2)
@@ -211,7 +212,8 @@ struct SparseAndDedupTests {
         try E.denseDisk(other, size: size + 65536, seed: 32)
         let full = CountingSource(try FileBlockSource(path: other))
         _ = try BackupJob(repository: repo, vm: "cbt", tags: [],
-                          disks: [BackupDisk(name: "vda", source: full, format: "raw", path: other, changedRanges: [], base: base)],
+                          disks: [BackupDisk(name: "vda", source: full, format: "raw", path: other, changedRanges: [], base: base,
+                                                     skipFreeSpace: false, catalog: false)],
                           workers: 3, toolVersion: "test").run()
         #expect(full.bytesRead.load(ordering: .relaxed) == UInt64(size + 65536))
 

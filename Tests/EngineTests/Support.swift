@@ -126,8 +126,12 @@ enum E {
     }
 
     @discardableResult
-    static func backup(_ repo: Repository, vm: String = "vm", source: any BlockSource, name: String = "disk", workers: Int = 3) throws -> SnapshotEntry {
-        try BackupJob(repository: repo, vm: vm, tags: [], disks: [BackupDisk(name: name, source: source, format: "raw", path: source.name)],
+    /// `guest: false` backs up without looking at the guest (no partition table or file-system
+    /// probes), for tests that count every byte the pipeline reads.
+    static func backup(_ repo: Repository, vm: String = "vm", source: any BlockSource, name: String = "disk", workers: Int = 3,
+                       guest: Bool = true) throws -> SnapshotEntry {
+        try BackupJob(repository: repo, vm: vm, tags: [], disks: [BackupDisk(name: name, source: source, format: "raw", path: source.name,
+                                                                             skipFreeSpace: guest, catalog: guest)],
                       workers: workers, toolVersion: "test").run()
     }
 
