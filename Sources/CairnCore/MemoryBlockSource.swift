@@ -3,22 +3,37 @@
 public struct MemoryBlockSource: BlockSource {
     public let bytes: [UInt8]
     public let name: String
+    public let size: UInt64
     private let map: [Extent]?
 
     public init(_ bytes: [UInt8], name: String = "memory", extents: [Extent]? = nil) {
         self.bytes = bytes
         self.name = name
+        self.size = UInt64(bytes.count)
         self.map = extents
     }
 
-    public var size: UInt64 { UInt64(bytes.count) }
+    /// `bytes` followed by zeros up to `size` (at least `bytes.count`): how the fuzz targets
+    /// turn a short input into the start of a larger volume.
+    public init(_ bytes: [UInt8], name: String = "memory", zeroPaddedTo size: UInt64) {
+        self.bytes = bytes
+        self.name = name
+        self.size = max(size, UInt64(bytes.count))
+        self.map = nil
+    }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try checkRange(offset, buffer.count)
-        bytes.withUnsafeBytes { src in
-            let start = Int(offset)
-            buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[start..<start + buffer.count]))
+        guard offset < UInt64(bytes.count) else {
+            buffer.initializeMemory(as: UInt8.self, repeating: 0)
+            return
         }
+        let start = Int(offset)
+        let n = min(buffer.count, bytes.count - start)
+        bytes.withUnsafeBytes { src in
+            UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]).copyMemory(from: UnsafeRawBufferPointer(rebasing: src[start..<start + n]))
+        }
+        if n < buffer.count { UnsafeMutableRawBufferPointer(rebasing: buffer[n...]).initializeMemory(as: UInt8.self, repeating: 0) }
     }
 
     public func extents(in range: Range<UInt64>) throws -> [Extent] {

@@ -4,6 +4,21 @@ import CairnCore
 package enum FileKind: String, Sendable, Equatable, Hashable {
     case regular, directory, symlink, characterDevice, blockDevice, fifo, socket, other
 
+    /// The file-type code Linux file systems store in directory entries (ext2/3/4
+    /// `EXT4_FT_*`, XFS `XFS_DIR3_FT_*`: the same numbers); 0 and unknown codes say nothing.
+    package init?(direntType t: UInt8) {
+        switch t {
+        case 1: self = .regular
+        case 2: self = .directory
+        case 3: self = .characterDevice
+        case 4: self = .blockDevice
+        case 5: self = .fifo
+        case 6: self = .socket
+        case 7: self = .symlink
+        default: return nil
+        }
+    }
+
     /// The `ls -l` type letter.
     package var letter: Character {
         switch self {

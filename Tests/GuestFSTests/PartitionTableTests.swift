@@ -307,29 +307,9 @@ enum PartitionFixture {
                     let base = targets[Int.random(in: 0..<targets.count, using: &rng)]
                     patches[min(full.count - 1, base + Int.random(in: 0..<512, using: &rng))] = UInt8.random(in: 0...255, using: &rng)
                 }
-                _ = try? PartitionTable.read(PatchedSource(base: full, patches: patches))
+                _ = try? PartitionTable.read(PatchedBlockSource(base: full, patches: patches))
             }
         }
     }
 }
 
-/// A memory source with a few bytes replaced, without copying the base.
-struct PatchedSource: BlockSource {
-    let base: [UInt8]
-    let patches: [Int: UInt8]
-    var size: UInt64 { UInt64(base.count) }
-    var name: String { "patched" }
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try checkRange(offset, buffer.count)
-        let start = Int(offset)
-        base.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[start..<start + buffer.count])) }
-        for (k, v) in patches where k >= start && k < start + buffer.count { buffer[k - start] = v }
-    }
-
-    func extents(in range: Range<UInt64>) throws -> [Extent] {
-        let end = min(range.upperBound, size)
-        guard range.lowerBound < end else { return [] }
-        return [Extent(offset: range.lowerBound, length: end - range.lowerBound, kind: .data)]
-    }
-}

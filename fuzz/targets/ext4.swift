@@ -15,32 +15,9 @@ import CairnCore
 import GuestFS
 #endif
 
-/// The input followed by zeros up to `volumeSize`.
-struct ZeroExtendedVolume: BlockSource {
-    static let volumeSize: UInt64 = 64 << 20
-    let prefix: [UInt8]
-    var size: UInt64 { Self.volumeSize }
-    var name: String { "fuzz.ext4" }
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try checkRange(offset, buffer.count)
-        buffer.initializeMemory(as: UInt8.self, repeating: 0)
-        guard offset < UInt64(prefix.count) else { return }
-        let start = Int(offset)
-        let n = min(buffer.count, prefix.count - start)
-        prefix.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[start..<start + n])) }
-    }
-
-    func extents(in range: Range<UInt64>) throws -> [Extent] {
-        let end = min(range.upperBound, size)
-        guard range.lowerBound < end else { return [] }
-        return [Extent(offset: range.lowerBound, length: end - range.lowerBound, kind: .data)]
-    }
-}
-
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzExt4(_ data: UnsafeRawPointer, _ size: Int) -> CInt {
-    let volume = ZeroExtendedVolume(prefix: Array(UnsafeRawBufferPointer(start: data, count: size)))
+    let volume = MemoryBlockSource(Array(UnsafeRawBufferPointer(start: data, count: size)), name: "fuzz.ext4", zeroPaddedTo: 64 << 20)
     _ = ExtFileSystem.probe(volume)
     guard let fs = try? ExtFileSystem(volume: volume) else { return 0 }
     exerciseFileSystem(fs)

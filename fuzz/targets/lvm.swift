@@ -14,36 +14,12 @@ import CairnCore
 import GuestFS
 #endif
 
-/// The input followed by zeros up to `lvmFuzzVolumeSize`.
-struct ZeroPaddedVolume: BlockSource {
-    let head: [UInt8]
-    var size: UInt64 { lvmFuzzVolumeSize }
-    var name: String { "fuzz-pv" }
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try checkRange(offset, buffer.count)
-        buffer.initializeMemory(as: UInt8.self, repeating: 0)
-        guard offset < UInt64(head.count) else { return }
-        let from = Int(offset)
-        let n = min(buffer.count, head.count - from)
-        head.withUnsafeBytes { src in
-            UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]).copyMemory(from: UnsafeRawBufferPointer(rebasing: src[from..<from + n]))
-        }
-    }
-
-    func extents(in range: Range<UInt64>) throws -> [Extent] {
-        let end = min(range.upperBound, size)
-        guard range.lowerBound < end else { return [] }
-        return [Extent(offset: range.lowerBound, length: end - range.lowerBound, kind: .data)]
-    }
-}
-
 let lvmFuzzVolumeSize: UInt64 = 64 << 20
 
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzLVM(_ data: UnsafeRawPointer, _ size: Int) -> CInt {
     let input = Array(UnsafeRawBufferPointer(start: data, count: size))
-    let volume = ZeroPaddedVolume(head: input)
+    let volume = MemoryBlockSource(input, name: "fuzz-pv", zeroPaddedTo: lvmFuzzVolumeSize)
     _ = LVMPhysicalVolume.probe(volume)
     guard let pv = try? LVMPhysicalVolume(source: volume) else { return 0 }
     var last: UInt64 = 0

@@ -17,50 +17,10 @@ import CairnCore
 import GuestFS
 #endif
 
-/// A 64 MiB volume made of 512-byte sectors given by the input; zeros elsewhere.
-struct SectorListVolume: BlockSource {
-    static let sectors = 131_072
-    let pages: [Int: [UInt8]]
-    var size: UInt64 { UInt64(Self.sectors) * 512 }
-    var name: String { "fuzz.xfs" }
-
-    init(_ input: UnsafeRawBufferPointer) {
-        var pages: [Int: [UInt8]] = [:]
-        var k = 0
-        while k + 4 < input.count {
-            let sector = (Int(input[k]) << 24 | Int(input[k + 1]) << 16 | Int(input[k + 2]) << 8 | Int(input[k + 3])) % Self.sectors
-            var page = Array(input[(k + 4)..<min(k + 516, input.count)])
-            page += [UInt8](repeating: 0, count: 512 - page.count)
-            pages[sector] = page
-            k += 516
-        }
-        self.pages = pages
-    }
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try checkRange(offset, buffer.count)
-        buffer.initializeMemory(as: UInt8.self, repeating: 0)
-        guard buffer.count > 0 else { return }
-        let first = Int(offset / 512), last = Int((offset + UInt64(buffer.count) - 1) / 512)
-        for sector in first...last {
-            guard let page = pages[sector] else { continue }
-            let start = UInt64(sector) * 512
-            let from = max(start, offset), to = min(start + 512, offset + UInt64(buffer.count))
-            page.withUnsafeBytes { src in
-                UnsafeMutableRawBufferPointer(rebasing: buffer[Int(from - offset)..<Int(to - offset)])
-                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: src[Int(from - start)..<Int(to - start)]))
-            }
-        }
-    }
-
-    func extents(in range: Range<UInt64>) throws -> [Extent] {
-        [Extent(offset: range.lowerBound, length: min(range.upperBound, size) - range.lowerBound, kind: .data)]
-    }
-}
 
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzXFS(_ data: UnsafeRawPointer, _ size: Int) -> CInt {
-    let volume = SectorListVolume(UnsafeRawBufferPointer(start: data, count: size))
+    let volume = XFSFuzzVolume(Array(UnsafeRawBufferPointer(start: data, count: size)))
     _ = XFSFileSystem.probe(volume)
     guard let fs = try? XFSFileSystem(volume: volume) else { return 0 }
     exerciseFileSystem(fs)

@@ -108,16 +108,5 @@ extension ExtFileSystem {
         }
     }
 
-    static func kind(ofDirentType t: UInt8) -> FileKind? {
-        switch t {
-        case 1: .regular
-        case 2: .directory
-        case 3: .characterDevice
-        case 4: .blockDevice
-        case 5: .fifo
-        case 6: .socket
-        case 7: .symlink
-        default: nil
-        }
-    }
+    static func kind(ofDirentType t: UInt8) -> FileKind? { FileKind(direntType: t) }
 }

@@ -2,18 +2,7 @@ import CairnCore
 
 extension XFSFileSystem {
     /// Directory entry file types (`XFS_DIR3_FT_*`) as kinds; 0 and unknown values say nothing.
-    static func kind(fileType: UInt8) -> FileKind? {
-        switch fileType {
-        case 1: .regular
-        case 2: .directory
-        case 3: .characterDevice
-        case 4: .blockDevice
-        case 5: .fifo
-        case 6: .socket
-        case 7: .symlink
-        default: nil
-        }
-    }
+    static func kind(fileType: UInt8) -> FileKind? { FileKind(direntType: fileType) }
 
     /// Logical offset of the leaf space in a directory (32 GiB): entries live below it.
     static let leafSpaceOffset: UInt64 = 32 << 30

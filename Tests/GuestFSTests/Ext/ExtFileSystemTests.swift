@@ -289,7 +289,7 @@ struct ExtConfig: Sendable, CustomStringConvertible {
         let files = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
         for f in files.sorted() {
             let bytes = try readFile(dir + "/" + f)
-            let volume = ExtZeroExtendedSource(prefix: bytes)
+            let volume = MemoryBlockSource(bytes, name: "fuzz-ext", zeroPaddedTo: 64 << 20)
             if let fs = try? ExtFileSystem(volume: volume) {
                 #expect(ExtFixture.exercise(fs), "\(f)")
             }
@@ -297,25 +297,3 @@ struct ExtConfig: Sendable, CustomStringConvertible {
     }
 }
 
-/// The fuzz target's input encoding: the input is the first bytes of a 64 MiB volume whose
-/// remaining bytes read as zeros.
-struct ExtZeroExtendedSource: BlockSource {
-    let prefix: [UInt8]
-    var size: UInt64 { 64 << 20 }
-    var name: String { "fuzz-ext" }
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try checkRange(offset, buffer.count)
-        buffer.initializeMemory(as: UInt8.self, repeating: 0)
-        guard offset < UInt64(prefix.count) else { return }
-        let start = Int(offset)
-        let n = min(buffer.count, prefix.count - start)
-        prefix.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[start..<start + n])) }
-    }
-
-    func extents(in range: Range<UInt64>) throws -> [Extent] {
-        let end = min(range.upperBound, size)
-        guard range.lowerBound < end else { return [] }
-        return [Extent(offset: range.lowerBound, length: end - range.lowerBound, kind: .data)]
-    }
-}

@@ -234,7 +234,7 @@ import Testing
                 guard at < good.count else { continue }
                 patches[at] = Bool.random(using: &rng) ? UInt8.random(in: 0...255, using: &rng) : good[at] ^ (1 << UInt8.random(in: 0..<8, using: &rng))
             }
-            guard let fs = try? ExtFileSystem(volume: ExtPatchedSource(base: good, patches: patches)) else { continue }
+            guard let fs = try? ExtFileSystem(volume: PatchedBlockSource(base: good, patches: patches)) else { continue }
             opened += 1
             #expect(ExtFixture.exercise(fs))
         }

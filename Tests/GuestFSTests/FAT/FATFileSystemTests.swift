@@ -117,7 +117,7 @@ struct FATFileSystemTests {
         let fs = try FATFileSystem(volume: MemoryBlockSource(bytes))
         let boot = fs.boot
         func reopen(_ patches: [Int: UInt8]) throws -> FATFileSystem {
-            try FATFileSystem(volume: FATPatchedSource(base: bytes, patches: patches))
+            try FATFileSystem(volume: PatchedBlockSource(base: bytes, patches: patches))
         }
         func u16(_ v: Int, at o: Int) -> [Int: UInt8] { [o: UInt8(v & 0xFF), o + 1: UInt8((v >> 8) & 0xFF)] }
         func u32(_ v: UInt32, at o: Int) -> [Int: UInt8] {
@@ -139,7 +139,7 @@ struct FATFileSystemTests {
         expectMalformed("bytes per sector") { _ = try reopen(u16(1000, at: 11)) }
         expectMalformed("total sectors") { _ = try reopen(u16(0, at: 19).merging(u32(0xFFFF_FFFF, at: 32)) { $1 }) }
         expectMalformed("FAT size") { _ = try reopen(u16(1, at: 22)) }
-        #expect(!FATFileSystem.probe(FATPatchedSource(base: bytes, patches: [510: 0])))
+        #expect(!FATFileSystem.probe(PatchedBlockSource(base: bytes, patches: [510: 0])))
         #expect(!FATFileSystem.probe(MemoryBlockSource(Array(bytes.prefix(300)))))
 
         // Truncated images.
@@ -229,7 +229,7 @@ struct FATFileSystemTests {
         let lfn = hit - 16
         #expect(bytes[lfn + 11] == 0x0F)
         func name(_ patches: [Int: UInt8]) throws -> [String] {
-            try FATFileSystem(volume: FATPatchedSource(base: bytes, patches: patches)).directory(0).map(\.name)
+            try FATFileSystem(volume: PatchedBlockSource(base: bytes, patches: patches)).directory(0).map(\.name)
         }
         let emoji = try name([hit: 0x3D, hit + 1: 0xD8, hit + 2: 0x00, hit + 3: 0xDE])
         #expect(emoji.contains("emoji_\u{1F600}.txt"), "\(emoji)")
@@ -264,7 +264,7 @@ struct FATFileSystemTests {
                     patches[pos] = UInt8.random(in: 0...255, using: &rng)
                 }
                 do {
-                    let broken = try FATFileSystem(volume: FATPatchedSource(base: bytes, patches: patches))
+                    let broken = try FATFileSystem(volume: PatchedBlockSource(base: bytes, patches: patches))
                     try broken.walk(maxEntries: 5000) { _, entry, meta in
                         if meta.kind == .regular { _ = try? broken.readAll(entry.node) }
                     }
@@ -348,7 +348,7 @@ struct FATFileSystemTests {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
         for name in names.sorted() {
             let input = try readFile(dir + "/" + name)
-            guard let fs = try? FATFileSystem(volume: FATFuzzVolume(input)) else { continue }
+            guard let fs = try? FATFileSystem(volume: FATFileSystem.fuzzVolume(input)) else { continue }
             _ = try? fs.walk(maxEntries: 2000) { _, entry, meta in
                 if meta.kind == .regular { _ = try? fs.readAll(entry.node, limit: 1 << 20) }
             }
@@ -357,37 +357,6 @@ struct FATFileSystemTests {
     }
 }
 
-/// The fuzz target's input encoding (fuzz/targets/fat.swift): the input is the start of the
-/// volume; the volume is as long as the boot sector says (total sectors x bytes per sector,
-/// at most 64 MiB, at least the input), and reads past the input give zeros.
-struct FATFuzzVolume: BlockSource {
-    let bytes: [UInt8]
-    let size: UInt64
-    var name: String { "fuzz.fat" }
-
-    init(_ input: [UInt8]) {
-        bytes = input
-        let b = CheckedBytes(input)
-        let bps = UInt64(b.u16(at: 11) ?? 0)
-        let sectors = UInt64(b.u16(at: 19).flatMap { $0 == 0 ? nil : UInt32($0) } ?? b.u32(at: 32) ?? 0)
-        size = max(UInt64(input.count), min(64 << 20, bps * sectors))
-    }
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try checkRange(offset, buffer.count)
-        buffer.initializeMemory(as: UInt8.self, repeating: 0)
-        guard offset < UInt64(bytes.count) else { return }
-        let start = Int(offset)
-        let n = min(buffer.count, bytes.count - start)
-        bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[start..<start + n])) }
-    }
-
-    func extents(in range: Range<UInt64>) throws -> [Extent] {
-        let end = min(range.upperBound, size)
-        guard range.lowerBound < end else { return [] }
-        return [Extent(offset: range.lowerBound, length: end - range.lowerBound, kind: .data)]
-    }
-}
 
 /// `mkfs.fat -F 32` on a small volume (fewer than 65525 clusters, as small EFI system
 /// partitions are) makes a FAT32 boot sector that Linux mounts as FAT32: so does Cairn.

@@ -199,23 +199,3 @@ enum FATFixture {
     static func utf16le(_ s: String) -> [UInt8] { s.utf16.flatMap { [UInt8($0 & 0xFF), UInt8($0 >> 8)] } }
 }
 
-/// A memory source with a few bytes replaced, without copying the base.
-struct FATPatchedSource: BlockSource {
-    let base: [UInt8]
-    let patches: [Int: UInt8]
-    var size: UInt64 { UInt64(base.count) }
-    var name: String { "patched.img" }
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try checkRange(offset, buffer.count)
-        let start = Int(offset)
-        base.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[start..<start + buffer.count])) }
-        for (k, v) in patches where k >= start && k < start + buffer.count { buffer[k - start] = v }
-    }
-
-    func extents(in range: Range<UInt64>) throws -> [Extent] {
-        let end = min(range.upperBound, size)
-        guard range.lowerBound < end else { return [] }
-        return [Extent(offset: range.lowerBound, length: end - range.lowerBound, kind: .data)]
-    }
-}
