@@ -76,7 +76,7 @@ let package = Package(
         .executableTarget(
             name: "cairn",
             dependencies: [
-                "Engine", "CairnCore", "DiskFormats", "GuestFS", "Repository", "RepositoryFormat", "Storage",
+                "Engine", "CairnCore", "DiskFormats", "GuestFS", "NBDServer", "Repository", "RepositoryFormat", "Storage",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict
@@ -92,6 +92,7 @@ let package = Package(
         .testTarget(name: "StorageTests", dependencies: ["Storage", "CairnCore", "CairnTestSupport"]),
         .testTarget(name: "RepositoryTests", dependencies: ["Repository", "RepositoryFormat", "Storage", "CairnCore", "CairnTestSupport"]),
         .testTarget(name: "EngineTests", dependencies: ["Engine", "DiskFormats", "GuestFS", "Repository", "RepositoryFormat", "Storage", "CairnCore", "CairnTestSupport"]),
+        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "CairnCore", "CairnTestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["CairnCore", "CairnTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

@@ -13,6 +13,8 @@ packages=(
   lvm2                                # pvcreate/vgcreate/lvcreate (metadata only, no device-mapper): LVM fixtures
   util-linux                          # mkswap, losetup, blkid
   attr python3 perl                   # setfattr (NTFS attributes via ntfs-3g), fuzz seed cutting
+  qemu-system-x86 libnbd-bin          # instant restore: the VM, and nbdinfo/nbdcopy as NBD clients in tests
+  syslinux syslinux-common busybox-static   # the small bootable test VM (scripts/make-boot-vm.sh)
   strace                              # the write-order test watches the syscalls of a backup
 )
 

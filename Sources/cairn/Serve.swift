@@ -1,0 +1,254 @@
+import ArgumentParser
+import CairnCore
+import Engine
+import Foundation
+import NBDServer
+import Repository
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The exports of one or more snapshots: every disk, read from the repository, optionally
+/// writable through a copy-on-write overlay (docs/OVERLAY.md).
+struct ExportSet {
+    var exports: [NBDExport] = []
+    var overlays: [CopyOnWriteOverlay] = []
+    var descriptions: [(name: String, snapshot: SnapshotEntry, disk: String, size: UInt64, overlay: String?)] = []
+
+    /// Export names are `<short snapshot id>-<disk>`.
+    static func make(repository: Repository, snapshots: [SnapshotEntry], writable: Bool, overlayDirectory: String?) throws -> ExportSet {
+        var set = ExportSet()
+        for snap in snapshots {
+            for disk in snap.manifest.disks {
+                let name = "\(snap.id.short)-\(disk.name)"
+                let source = try SnapshotDiskSource(repository: repository, snapshot: snap, disk: disk, cacheChunks: 128)
+                var overlayPath: String?
+                var device: CopyOnWriteOverlay?
+                if writable {
+                    guard let dir = overlayDirectory else { throw CairnError(.usage, "writable exports need an overlay directory") }
+                    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+                    let path = (dir as NSString).appendingPathComponent("\(name).overlay")
+                    let identity = "\(snap.id.hex):\(disk.name)"
+                    device = FileManager.default.fileExists(atPath: path)
+                        ? try CopyOnWriteOverlay.open(path: path, base: source, identity: identity)
+                        : try CopyOnWriteOverlay.create(path: path, base: source, identity: identity)
+                    overlayPath = path
+                }
+                if let device { set.overlays.append(device) }
+                set.exports.append(NBDExport(name: name, description: "\(snap.manifest.vm) \(snap.manifest.time) disk \(disk.name)",
+                                             source: source, writable: device))
+                set.descriptions.append((name, snap, disk.name, disk.virtualSize, overlayPath))
+            }
+        }
+        return set
+    }
+
+    func closeOverlays() {
+        for o in overlays {
+            do { try o.close() } catch { printError("cairn: warning: overlay \(o.path) could not be flushed: \(error)") }
+        }
+    }
+}
+
+struct Serve: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Export snapshot disks over NBD, read-only or writable through a copy-on-write overlay.",
+        discussion: """
+        Every disk of every SNAPSHOT becomes an export named <short id>-<disk>. Any NBD client
+        can use them at once: qemu (-blockdev driver=nbd), qemu-img, nbdcopy, nbdinfo. With
+        --writable, writes go to overlay files (kept in --overlay-dir and reused by the next
+        serve of the same snapshot); the repository is never modified. Runs until interrupted.
+        """
+    )
+
+    @OptionGroup var options: RepositoryOptions
+
+    @Option(help: "VM whose latest snapshot 'latest' means.")
+    var vm: String?
+
+    @Argument(help: "Snapshots (id, prefix or 'latest').")
+    var snapshots: [String]
+
+    @Option(help: "Unix socket to listen on.")
+    var socket: String?
+
+    @Option(help: "TCP address to listen on, HOST:PORT (default when no --socket: 127.0.0.1:10809).")
+    var listen: String?
+
+    @Flag(help: "Accept writes, into copy-on-write overlays.")
+    var writable = false
+
+    @Option(help: "Directory for overlay files (default: ./cairn-overlays).")
+    var overlayDir = "cairn-overlays"
+
+    func validate() throws {
+        if snapshots.isEmpty { throw ValidationError("name at least one snapshot") }
+    }
+
+    func run() throws {
+        let repo = try options.open()
+        // A shared lock for as long as the exports live: gc cannot delete their chunks.
+        let lock = try repo.lock(exclusive: false, job: "serve")
+        defer { lock.release() }
+        let codec = repo.makeCodec()
+        let snaps = try snapshots.map { try repo.resolveSnapshot($0, vm: vm, codec: codec) }
+        let set = try ExportSet.make(repository: repo, snapshots: snaps, writable: writable, overlayDirectory: overlayDir)
+        defer { set.closeOverlays() }
+        let server = NBDServer(exports: set.exports)
+        defer { server.shutdown() }
+        var uris: [String] = []
+        if let socket {
+            try server.listen(unixSocket: socket)
+            uris = set.descriptions.map { "nbd+unix:///\($0.name)?socket=\(socket)" }
+        }
+        if listen != nil || socket == nil {
+            let (host, port) = try parseHostPort(listen ?? "127.0.0.1:10809")
+            let bound = try server.listen(host: host, port: port)
+            uris += set.descriptions.map { "nbd://\(host.contains(":") ? "[\(host)]" : host):\(bound)/\($0.name)" }
+        }
+        for d in set.descriptions {
+            print("export \(d.name): \(d.snapshot.manifest.vm) \(d.snapshot.manifest.time) disk \(d.disk), \(ByteCount.format(d.size))" +
+                  (d.overlay.map { ", writes to \($0)" } ?? ", read-only"))
+        }
+        for u in uris { print(u) }
+        print("serving; interrupt (Ctrl-C) to stop")
+        fflush(nil)   // all streams: the URIs must reach a pipe before we sit waiting
+        let cancel = CancellationToken()
+        let signals = installSignalHandlers(cancel)
+        defer { signals.forEach { $0.cancel() } }
+        while !cancel.isCancelled { usleep(100_000) }
+    }
+}
+
+/// "HOST:PORT" or "[v6]:PORT".
+func parseHostPort(_ s: String) throws -> (String, Int) {
+    guard let colon = s.lastIndex(of: ":"), let port = Int(s[s.index(after: colon)...]), (0...65535).contains(port) else {
+        throw CairnError(.usage, "cannot read the address '\(s)'", hint: "write HOST:PORT, for example 127.0.0.1:10809")
+    }
+    var host = String(s[..<colon])
+    if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+    return (host.isEmpty ? "127.0.0.1" : host, port)
+}
+
+struct InstantRestore: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "instant-restore",
+        abstract: "Boot a VM straight from a snapshot: its disks are served over NBD with a copy-on-write overlay.",
+        discussion: """
+        Starts qemu-system-x86_64 on the snapshot's disks (the first one boots) without
+        restoring them first. The guest's writes go to overlay files in --overlay-dir, which are
+        kept for the next instant-restore of the same snapshot unless --discard-overlay. The
+        repository is never modified. Ends when the VM powers off (or on Ctrl-C, which stops it).
+        """
+    )
+
+    @OptionGroup var options: RepositoryOptions
+
+    @Option(help: "VM whose latest snapshot 'latest' means.")
+    var vm: String?
+
+    @Argument(help: "Snapshot (id, prefix or 'latest').")
+    var snapshot: String
+
+    @Option(help: "Guest memory in MiB.")
+    var memory = 1024
+
+    @Option(help: "kvm or tcg (default: kvm when /dev/kvm is usable, else tcg).")
+    var accel: String?
+
+    @Flag(help: "Connect the serial console to this terminal (otherwise it is written to <overlay-dir>/<snapshot>.serial.log).")
+    var console = false
+
+    @Option(help: "Directory for overlay files, the NBD socket and the serial log (default: ./cairn-overlays).")
+    var overlayDir = "cairn-overlays"
+
+    @Flag(help: "Remove the overlay files when the VM stops.")
+    var discardOverlay = false
+
+    @Flag(help: "No network device (default: user-mode networking with no inbound ports).")
+    var noNetwork = false
+
+    @Option(help: "Path of qemu-system-x86_64.")
+    var qemu = "qemu-system-x86_64"
+
+    func run() throws {
+        let repo = try options.open()
+        let lock = try repo.lock(exclusive: false, job: "instant-restore")
+        defer { lock.release() }
+        let snap = try repo.resolveSnapshot(snapshot, vm: vm, codec: repo.makeCodec())
+        guard !snap.manifest.disks.isEmpty else { throw CairnError(.usage, "snapshot \(snap.id.short) has no disks") }
+        let set = try ExportSet.make(repository: repo, snapshots: [snap], writable: true, overlayDirectory: overlayDir)
+        var discarded = false
+        defer {
+            set.closeOverlays()
+            if discardOverlay && !discarded {
+                for d in set.descriptions { if let p = d.overlay { unlink(p) } }
+                discarded = true
+            }
+        }
+        let socket = (overlayDir as NSString).appendingPathComponent("\(snap.id.short).nbd.sock")
+        unlink(socket)
+        let server = NBDServer(exports: set.exports)
+        defer {
+            server.shutdown()
+            unlink(socket)
+        }
+        try server.listen(unixSocket: socket)
+
+        let accelerator = accel ?? (kvmUsable() ? "kvm" : "tcg")
+        guard ["kvm", "tcg"].contains(accelerator) else { throw CairnError(.usage, "--accel must be kvm or tcg") }
+        let serialLog = (overlayDir as NSString).appendingPathComponent("\(snap.id.short).serial.log")
+        let qmp = (overlayDir as NSString).appendingPathComponent("\(snap.id.short).qmp.sock")
+        var args = ["-accel", accelerator, "-machine", "q35", "-m", "\(memory)", "-nodefaults", "-display", "none",
+                    "-qmp", "unix:\(qmp),server=on,wait=off"]
+        args += console ? ["-serial", "mon:stdio"] : ["-serial", "file:\(serialLog)"]
+        args += noNetwork ? ["-nic", "none"] : ["-nic", "user,model=virtio-net-pci"]
+        for (i, d) in set.descriptions.enumerated() {
+            args += ["-blockdev", "driver=nbd,node-name=disk\(i),server.type=unix,server.path=\(socket),export=\(d.name)",
+                     "-device", "virtio-blk-pci,drive=disk\(i)" + (i == 0 ? ",bootindex=0" : "")]
+        }
+        printError("cairn: booting snapshot \(snap.id.short) (\(snap.manifest.vm), \(snap.manifest.time)) with \(accelerator)")
+        printError("cairn: disks served from \(socket); QMP at \(qmp)" + (console ? "" : "; serial console in \(serialLog)"))
+        for d in set.descriptions { printError("cairn: disk \(d.disk): writes go to \(d.overlay ?? "?")") }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: try findExecutable(qemu))
+        p.arguments = args
+        if !console { p.standardInput = FileHandle.nullDevice }
+        try p.run()
+        let cancel = CancellationToken()
+        let signals = installSignalHandlers(cancel)
+        defer { signals.forEach { $0.cancel() } }
+        while p.isRunning {
+            if cancel.isCancelled {
+                p.terminate()
+                break
+            }
+            usleep(100_000)
+        }
+        p.waitUntilExit()
+        printError("cairn: the VM stopped (qemu exit status \(p.terminationStatus))" +
+                   (discardOverlay ? "; overlays discarded" : "; overlays kept in \(overlayDir)"))
+        if p.terminationStatus != 0 && !cancel.isCancelled {
+            throw CairnError(.io, "qemu-system-x86_64 exited with status \(p.terminationStatus)" + (console ? "" : " (see \(serialLog))"))
+        }
+    }
+
+    /// Whether KVM can be used: /dev/kvm opens read-write.
+    private func kvmUsable() -> Bool {
+        let fd = open("/dev/kvm", O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        close(fd)
+        return true
+    }
+}
+
+/// `name` if it is a path, else the first match on $PATH.
+func findExecutable(_ name: String) throws -> String {
+    if name.contains("/") { return name }
+    for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":") {
+        let p = "\(dir)/\(name)"
+        if access(p, X_OK) == 0 { return p }
+    }
+    throw CairnError(.notFound, "\(name) is not installed", hint: "install the Debian package qemu-system-x86")
+}

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Makes a small bootable VM disk for the instant-restore and verification tests (see
+# ../shared/TESTBED.md): 64 MiB raw, MBR, one FAT16 partition with syslinux, Debian's cloud
+# kernel and a busybox initramfs whose /init
+#   - prints CAIRN-HEARTBEAT on the serial console,
+#   - writes the line CAIRN-GUEST-WROTE-THIS into the last MiB of the disk (/dev/vda),
+#   - flushes and powers off.
+#
+#   scripts/make-boot-vm.sh OUTDIR       -> OUTDIR/boot.raw (kept and reused when present)
+#
+# Needs (scripts/install-deps.sh installs them): syslinux, syslinux-common, busybox-static,
+# dosfstools, mtools, fdisk; the kernel comes from `apt-get download` (a Debian mirror).
+# Module load order matters: virtio_ring before virtio.
+set -euo pipefail
+OUT=$(realpath -m "${1:?usage: make-boot-vm.sh OUTDIR}")
+mkdir -p "$OUT"
+[ -f "$OUT/boot.raw" ] && { echo "$OUT/boot.raw"; exit 0; }
+W=$(mktemp -d "$OUT/.work.XXXXXX")
+trap 'rm -rf "$W"' EXIT
+cd "$W"
+
+# Kernel and its virtio modules from Debian's cloud kernel package.
+pkg=$(apt-cache search --names-only '^linux-image-[0-9.]+-[0-9]+-cloud-amd64$' | awk '{print $1}' | sort -V | tail -1)
+[ -n "$pkg" ] || { echo "no linux-image-*-cloud-amd64 package found" >&2; exit 1; }
+apt-get download "$pkg" >/dev/null 2>&1
+dpkg -x ./*.deb kernel
+vmlinuz=$(ls kernel/boot/vmlinuz-*)
+kver=${vmlinuz##*/vmlinuz-}
+mods=kernel/lib/modules/$kver/kernel
+
+# Initramfs: busybox, the virtio block modules, /init.
+mkdir -p initrd/bin initrd/dev initrd/proc initrd/sys initrd/lib/modules
+cp /bin/busybox initrd/bin/busybox
+for m in drivers/virtio/virtio.ko drivers/virtio/virtio_ring.ko drivers/virtio/virtio_pci_modern_dev.ko \
+         drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko; do
+    for f in "$mods/$m" "$mods/$m.xz" "$mods/$m.zst"; do
+        [ -f "$f" ] || continue
+        case $f in
+            *.xz) xz -dc "$f" >"initrd/lib/modules/$(basename "$m")" ;;
+            *.zst) zstd -qdc "$f" >"initrd/lib/modules/$(basename "$m")" ;;
+            *) cp "$f" "initrd/lib/modules/" ;;
+        esac
+    done
+done
+cat >initrd/init <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+    [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko 2>/dev/null
+done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+echo "CAIRN-HEARTBEAT" >/dev/ttyS0
+if [ -b /dev/vda ]; then
+    size=$(cat /sys/block/vda/size)
+    echo "CAIRN-GUEST-WROTE-THIS" | dd of=/dev/vda bs=512 seek=$((size - 2048)) conv=notrunc,fsync 2>/dev/null
+    sync
+    echo "CAIRN-WROTE-DISK" >/dev/ttyS0
+fi
+poweroff -f
+INIT
+chmod +x initrd/init
+(cd initrd && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) >initrd.img
+
+cat >syslinux.cfg <<'CFG'
+SERIAL 0 115200
+DEFAULT linux
+LABEL linux
+  KERNEL /vmlinuz
+  INITRD /initrd.img
+  APPEND console=ttyS0 quiet panic=-1
+CFG
+cp "$vmlinuz" vmlinuz
+truncate -s 64M disk.raw
+echo 'start=2048, size=120832, type=6, bootable' | sfdisk -q --label dos disk.raw
+mkfs.vfat -F 16 --offset 2048 disk.raw 60416 >/dev/null
+syslinux --install --offset 1048576 disk.raw
+dd if=/usr/lib/syslinux/mbr/mbr.bin of=disk.raw bs=440 count=1 conv=notrunc status=none
+MTOOLS_SKIP_CHECK=1 mcopy -i disk.raw@@1M vmlinuz initrd.img syslinux.cfg ::/
+mv disk.raw "$OUT/boot.raw"
+echo "$OUT/boot.raw"
