@@ -5,26 +5,38 @@ import Repository
 import Synchronization
 
 /// One disk of a snapshot as a random-access block source, read straight from the repository:
-/// what file-level restore, `ls`, `cat` and `diff` read guest file systems through.
+/// what file-level restore, `ls`, `cat`, `diff` and the NBD exports of instant restore read.
 ///
 /// Zero chunks are reported as `.zero` extents and never fetched. Fetched chunks are
-/// authenticated, decompressed and digest-checked, then kept in a small LRU cache, so the
-/// many small metadata reads of a file-system walk cost one chunk fetch each, not one per read.
+/// authenticated, decompressed and digest-checked, then kept in an LRU cache, so the many
+/// small reads of a file-system walk or of an NBD client cost one chunk fetch each. Fetches
+/// run in parallel (the lock is held only for the cache bookkeeping; two readers of one chunk
+/// share one fetch), and sequential reading is detected: the next chunks are fetched ahead.
 package final class SnapshotDiskSource: BlockSource, @unchecked Sendable {
     package let repository: Repository
     package let index: DiskIndex
     package let name: String
     private let cacheLimit: Int
+    private let readAhead: Int
     private let state: Mutex<Cache>
+
+    /// A fetch in progress that other readers of the same chunk wait for.
+    private final class Pending: @unchecked Sendable {
+        let done = DispatchSemaphore(value: 0)
+        var result: Result<[UInt8], any Error>?
+    }
 
     private struct Cache {
         var chunks: [Int: [UInt8]] = [:]
         var order: [Int] = []   // least recently used first
-        var scratch: UnsafeMutableRawBufferPointer
+        var pending: [Int: Pending] = [:]
+        var lastRead = -2
+        var prefetching = 0
     }
 
-    /// `cacheChunks` chunks are kept (default 64: 32 MiB at the default chunk size).
-    package init(repository: Repository, snapshot: SnapshotEntry, disk: Manifest.Disk, cacheChunks: Int = 64) throws {
+    /// `cacheChunks` chunks are kept (default 64: 32 MiB at the default chunk size); up to
+    /// `readAhead` chunks are fetched ahead of a sequential reader.
+    package init(repository: Repository, snapshot: SnapshotEntry, disk: Manifest.Disk, cacheChunks: Int = 64, readAhead: Int = 4) throws {
         guard let indexID = CairnCore.Digest(hex: disk.index) else {
             throw CairnError(.corrupt, "snapshot \(snapshot.id.hex) disk \(disk.name) has an invalid index id '\(disk.index)'")
         }
@@ -35,12 +47,9 @@ package final class SnapshotDiskSource: BlockSource, @unchecked Sendable {
         self.repository = repository
         self.index = index
         self.name = "\(snapshot.id.short):\(disk.name)"
-        self.cacheLimit = max(2, cacheChunks)
-        self.state = Mutex(Cache(scratch: .allocate(byteCount: index.chunkSize + 4096, alignment: 64)))
-    }
-
-    deinit {
-        state.withLock { $0.scratch.deallocate() }
+        self.readAhead = max(0, readAhead)
+        self.cacheLimit = max(2, cacheChunks, 2 * self.readAhead + 2)
+        self.state = Mutex(Cache())
     }
 
     package var size: UInt64 { index.virtualSize }
@@ -58,47 +67,92 @@ package final class SnapshotDiskSource: BlockSource, @unchecked Sendable {
             if index.entries[i].isZero {
                 target.initializeMemory(as: UInt8.self, repeating: 0)
             } else {
-                try withChunk(i) { chunk in
-                    chunk.withUnsafeBytes { src in
-                        target.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[within..<within + n]))
-                    }
+                let chunk = try chunk(i, noteRead: true)
+                chunk.withUnsafeBytes { src in
+                    target.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[within..<within + n]))
                 }
             }
             done += n
         }
     }
 
-    /// Runs `body` on chunk `i`, fetching it into the cache first if needed.
-    private func withChunk(_ i: Int, _ body: ([UInt8]) throws -> Void) throws {
-        try state.withLock { cache in
-            if let hit = cache.chunks[i] {
-                if let at = cache.order.firstIndex(of: i) { cache.order.remove(at: at) }
-                cache.order.append(i)
-                try body(hit)
-                return
-            }
-            let len = index.length(ofChunk: i)
-            var bytes = [UInt8](repeating: 0, count: len)
-            let id = index.entries[i]
-            let n: Int
-            do {
-                n = try bytes.withUnsafeMutableBytes { out in
-                    try repository.loadChunk(id, codec: repository.makeCodec(), scratch: &cache.scratch, into: out)
+    /// Chunk `i`, from the cache, from a fetch already running, or fetched now.
+    private func chunk(_ i: Int, noteRead: Bool) throws -> [UInt8] {
+        enum Step { case hit([UInt8]), wait(Pending), fetch(Pending) }
+        var ahead: [Int] = []
+        let step: Step = state.withLock { c in
+            if noteRead {
+                // Sequential reading (this chunk or the one after the last read): fetch ahead.
+                if i == c.lastRead + 1, readAhead > 0 {
+                    for k in 1...readAhead {
+                        let j = i + k
+                        guard j < index.entries.count, !index.entries[j].isZero, c.chunks[j] == nil, c.pending[j] == nil,
+                              c.prefetching < readAhead else { continue }
+                        c.prefetching += 1
+                        ahead.append(j)
+                    }
                 }
-            } catch var e as CairnError {
-                e.message = "reading \(name) at offset \(UInt64(i) * UInt64(index.chunkSize)): " + e.message
-                throw e
+                if i != c.lastRead { c.lastRead = i }
             }
-            guard n == len else {
-                throw CairnError(.corrupt, "chunk \(id.hex) holds \(n) bytes, position \(i) of \(name) needs \(len)")
+            if let hit = c.chunks[i] {
+                if let at = c.order.lastIndex(of: i) { c.order.remove(at: at) }
+                c.order.append(i)
+                return .hit(hit)
             }
-            cache.chunks[i] = bytes
-            cache.order.append(i)
-            if cache.order.count > cacheLimit {
-                cache.chunks[cache.order.removeFirst()] = nil
-            }
-            try body(bytes)
+            if let p = c.pending[i] { return .wait(p) }
+            let p = Pending()
+            c.pending[i] = p
+            return .fetch(p)
         }
+        for j in ahead {
+            DispatchQueue.global().async { [self] in
+                _ = try? chunk(j, noteRead: false)
+                state.withLock { $0.prefetching -= 1 }
+            }
+        }
+        switch step {
+        case .hit(let bytes):
+            return bytes
+        case .wait(let p):
+            p.done.wait()
+            p.done.signal()   // wake the next waiter
+            return try p.result!.get()
+        case .fetch(let p):
+            let result = Result { try fetch(i) }
+            state.withLock { c in
+                c.pending[i] = nil
+                if case .success(let bytes) = result {
+                    c.chunks[i] = bytes
+                    c.order.append(i)
+                    while c.order.count > cacheLimit { c.chunks[c.order.removeFirst()] = nil }
+                }
+            }
+            p.result = result
+            p.done.signal()
+            return try result.get()
+        }
+    }
+
+    /// Reads, authenticates, decompresses and digest-checks chunk `i` (no lock held).
+    private func fetch(_ i: Int) throws -> [UInt8] {
+        let len = index.length(ofChunk: i)
+        var bytes = [UInt8](repeating: 0, count: len)
+        var scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: index.chunkSize + 4096, alignment: 64)
+        defer { scratch.deallocate() }
+        let id = index.entries[i]
+        let n: Int
+        do {
+            n = try bytes.withUnsafeMutableBytes { out in
+                try repository.loadChunk(id, codec: repository.makeCodec(), scratch: &scratch, into: out)
+            }
+        } catch var e as CairnError {
+            e.message = "reading \(name) at offset \(UInt64(i) * UInt64(index.chunkSize)): " + e.message
+            throw e
+        }
+        guard n == len else {
+            throw CairnError(.corrupt, "chunk \(id.hex) holds \(n) bytes, position \(i) of \(name) needs \(len)")
+        }
+        return bytes
     }
 
     package func extents(in range: Range<UInt64>) throws -> [Extent] {
@@ -114,5 +168,14 @@ package final class SnapshotDiskSource: BlockSource, @unchecked Sendable {
             pos = stop
         }
         return out.coalesced()
+    }
+
+    package func prefetch(_ range: Range<UInt64>) {
+        let end = min(range.upperBound, size)
+        guard range.lowerBound < end else { return }
+        let cs = UInt64(index.chunkSize)
+        for i in Int(range.lowerBound / cs)...Int((end - 1) / cs) where !index.entries[i].isZero {
+            repository.store.prefetch(Repository.chunkKey(index.entries[i]))
+        }
     }
 }
