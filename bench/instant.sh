@@ -73,7 +73,7 @@ DISK=$WORKDIR/read.raw
 if [ ! -f "$DISK" ] || [ "$(stat -c %s "$DISK")" != "$(numfmt --from=iec "$READ_SIZE")" ]; then
     log "making the $READ_SIZE read disk"
     bytes=$(numfmt --from=iec "$READ_SIZE")
-    { prng_bytes read-bench $((bytes / 2)); yes "log line with some repeated text and a counter" | head -c $((bytes / 2)); } >"$DISK"
+    { prng_bytes read-bench $((bytes / 2)); yes "log line with some repeated text and a counter" | head -c $((bytes / 2)) || true; } >"$DISK"   # yes ends by SIGPIPE
     truncate -s "$bytes" "$DISK"
 fi
 "$CAIRN" backup --repo "$REPO" --vm big --quiet --no-skip-free sda="$DISK" >/dev/null
