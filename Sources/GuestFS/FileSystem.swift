@@ -120,6 +120,28 @@ package struct FileExtent: Sendable, Equatable {
     }
 }
 
+extension [FileExtent] {
+    /// Appends `length` bytes at `logicalOffset` (a hole when `physicalOffset` is nil), merged
+    /// into the last extent when it ends at `logicalOffset` and both are holes or the new
+    /// piece continues it in the volume. Zero lengths are dropped.
+    mutating func append(logicalOffset: UInt64, physicalOffset: UInt64?, length: UInt64) {
+        guard length > 0 else { return }
+        if let last = self.last, last.logicalOffset + last.length == logicalOffset {
+            switch (last.physicalOffset, physicalOffset) {
+            case (nil, nil):
+                self[count - 1].length += length
+                return
+            case let (a?, b?) where a + last.length == b:
+                self[count - 1].length += length
+                return
+            default:
+                break
+            }
+        }
+        append(FileExtent(logicalOffset: logicalOffset, physicalOffset: physicalOffset, length: length))
+    }
+}
+
 /// A read-only guest file system over a `BlockSource` (a partition, a logical volume or a
 /// whole disk). Readers are pure and synchronous; every malformed structure is a thrown
 /// `CairnError(.malformedImage, ...)` naming the structure and its byte offset in the volume,
@@ -154,6 +176,14 @@ package protocol FileSystem: Sendable {
     /// at the end of the file. Holes and unwritten extents read as zeros; compressed or
     /// resident data is decoded.
     func read(_ node: UInt64, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int
+
+    /// Where the content of regular file `node` lives in the volume: extents in ascending logical
+    /// order covering [0, size) (holes as extents with a nil physical offset; unwritten/sparse
+    /// ranges as holes), or nil when the content is not a plain mapping of volume bytes
+    /// (data inside the inode or MFT record, inline data, compressed or encrypted data).
+    /// Adjacent extents that continue each other both logically and physically are merged.
+    /// Throws `.usage` when `node` is not a regular file (directories included).
+    func fileExtents(_ node: UInt64) throws -> [FileExtent]?
 
     /// The byte ranges of the volume that the file system marks free (not allocated to any
     /// file, directory or metadata), ascending and non-overlapping. Backups treat them as zero.

@@ -67,6 +67,80 @@ extension ExtFileSystem {
         if case .some(let prev) = pendingPhys { try body(pendingStart, prev, pendingLen) }
     }
 
+    // MARK: File extents
+
+    /// `FileSystem.fileExtents`: inline and encrypted files have no plain mapping (nil);
+    /// extent-mapped files come from the cached extent runs (unwritten extents as holes),
+    /// block-pointer files from one walk of their indirect blocks.
+    package func fileExtents(_ node: UInt64) throws -> [FileExtent]? {
+        let i = try inode(node)
+        guard i.kind == .regular else {
+            throw CairnError(.usage, "inode \(node) is not a regular file (\(i.kind.rawValue)); only regular files have extents",
+                             path: volume.name, offset: i.offset)
+        }
+        if i.hasInlineData || i.isEncrypted { return nil }
+        guard i.size > 0 else { return [] }
+        guard i.usesExtents else { return try indirectExtents(i) }
+        var out: [FileExtent] = []
+        try forEachPiece(i, from: 0, count: i.size) { logical, physical, length in
+            out.append(logicalOffset: logical, physicalOffset: physical, length: length)
+        }
+        return out
+    }
+
+    /// The extents of a block-pointer file, clipped to its size: the 12 direct pointers, then
+    /// the single, double and triple indirect trees, a zero pointer at any level being a hole
+    /// over everything below it (so sparse files cost only their allocated tree blocks). Each
+    /// indirect block is read once; one reached twice (a cross-linked or looping tree) and
+    /// more than `Ext.maxExtentsPerFile` extents are errors, as in extent trees.
+    private func indirectExtents(_ i: ExtInode) throws -> [FileExtent] {
+        let bs = UInt64(sb.blockSize)
+        let ppb = UInt64(sb.blockSize / 4)
+        let blocks = (i.size - 1) / bs + 1
+        var out: [FileExtent] = []
+        var visited: Set<UInt64> = []
+        func emit(_ lblock: UInt64, _ pblock: UInt64?, _ count: UInt64) throws {
+            let start = lblock * bs
+            let left = i.size - start
+            let length = count > left / bs ? left : count * bs
+            out.append(logicalOffset: start, physicalOffset: pblock.map { $0 * bs }, length: length)
+            guard out.count <= Ext.maxExtentsPerFile else {
+                throw CairnError(.malformedImage, "inode \(i.number) maps more than \(Ext.maxExtentsPerFile) extents", path: volume.name,
+                                 offset: i.offset + 0x28, hint: "the file system is damaged; run e2fsck on a restored copy")
+            }
+        }
+        /// Logical blocks `base..<base + span` (clipped to the file) under pointer `ptr` at
+        /// `level` (0: a data block).
+        func visit(_ ptr: UInt64, level: Int, base: UInt64, span: UInt64) throws {
+            let count = min(span, blocks - base)
+            if ptr == 0 { return try emit(base, nil, count) }
+            try checkPointer(i, ptr, base)
+            if level == 0 { return try emit(base, ptr, 1) }
+            guard visited.insert(ptr).inserted else {
+                throw CairnError(.malformedImage, "inode \(i.number): indirect block \(ptr) is referenced twice (the tree loops or is cross-linked)",
+                                 path: volume.name, offset: ptr * bs, hint: "the file system is damaged; run e2fsck on a restored copy")
+            }
+            let words = try indirectBlock(ptr)
+            let childSpan = span / ppb
+            var k = 0
+            while k < words.count, base + UInt64(k) * childSpan < blocks {
+                try visit(UInt64(words[k]), level: level - 1, base: base + UInt64(k) * childSpan, span: childSpan)
+                k += 1
+            }
+        }
+        var base: UInt64 = 0
+        var span: UInt64 = 1
+        for top in 0..<15 where base < blocks {
+            let level = max(0, top - 11)
+            if top >= 12 { span *= ppb }
+            try visit(UInt64(i.blockWord(top)), level: level, base: base, span: span)
+            base += span
+        }
+        // Past the triple indirect tree nothing is mapped (mapIndirect: a hole).
+        if base < blocks { try emit(base, nil, blocks - base) }
+        return out
+    }
+
     // MARK: Extent trees
 
     /// The leaf extents of `i`'s extent tree in logical order (cached). Every tree block is

@@ -215,6 +215,28 @@ package struct FATFileSystem: FileSystem {
         return total
     }
 
+    /// The cached cluster runs of the file, clipped to its size (an empty file has none).
+    /// Directories, the root included, throw.
+    package func fileExtents(_ node: UInt64) throws -> [FileExtent]? {
+        guard node != rootNode else {
+            throw CairnError(.usage, "node \(node) is the root directory, not a file; only regular files have extents", path: volume.name)
+        }
+        let e = try entry(of: node)
+        guard !e.isDirectory else {
+            throw CairnError(.usage, "node \(node) is a directory, not a file; only regular files have extents", path: volume.name, offset: node)
+        }
+        let size = UInt64(e.size)
+        let cs = boot.clusterSize
+        var out: [FileExtent] = []
+        // The runs cover exactly the clusters the size needs, in logical order from 0.
+        for run in try runs(of: node, e) {
+            let start = run.logical * cs
+            guard start < size else { break }
+            out.append(logicalOffset: start, physicalOffset: boot.clusterOffset(run.cluster), length: min(run.count * cs, size - start))
+        }
+        return out
+    }
+
     package func freeRanges() throws -> [Range<UInt64>] {
         try table.freeRanges()
     }

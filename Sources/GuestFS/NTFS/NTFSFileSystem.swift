@@ -165,6 +165,46 @@ package struct NTFSFileSystem: FileSystem {
         }
     }
 
+    /// The runlist of the unnamed $DATA stream: nil for resident, compressed and encrypted
+    /// data; sparse runs and everything from the initialized size to the data size (which
+    /// reads as zeros) are holes. Throws, as `read` does, when a run is missing below the
+    /// initialized size or maps past the volume.
+    package func fileExtents(_ n: UInt64) throws -> [FileExtent]? {
+        let node = try node(n)
+        guard node.kind == .regular else {
+            throw CairnError(.usage, "MFT record \(n) is not a regular file (\(node.kind.rawValue)); only regular files have extents", path: volume.name)
+        }
+        guard case .nonResident(let s)? = node.data else { return node.data == nil ? [] : nil }
+        if s.isCompressed || s.isEncrypted { return nil }
+        let cs = UInt64(boot.clusterSize)
+        let initialized = min(s.initializedSize, s.dataSize)
+        var out: [FileExtent] = []
+        var pos: UInt64 = 0
+        // Every step ends at a run's end (a cluster boundary) or at the initialized size.
+        while pos < initialized {
+            let vcn = pos / cs
+            guard let ri = s.runIndex(containing: vcn) else {
+                throw reader.damaged("$DATA of record \(n): no run maps byte \(pos) (VCN \(vcn)) although the attribute is initialized up to \(s.initializedSize)")
+            }
+            let run = s.runs[ri]
+            let length = min(initialized, mul(run.vcn + run.length, cs) ?? UInt64.max) - pos
+            var physical: UInt64?
+            if let lcn = run.lcn {
+                guard let at = mul(lcn + (vcn - run.vcn), cs) else {
+                    throw reader.damaged("$DATA of record \(n): run at VCN \(run.vcn) maps past the addressable range")
+                }
+                guard at <= volume.size, length <= volume.size - at else {
+                    throw reader.damaged("$DATA of record \(n) data at VCN \(vcn) lies past the end of the volume (\(volume.size) bytes; truncated image?)", offset: at)
+                }
+                physical = at
+            }
+            out.append(logicalOffset: pos, physicalOffset: physical, length: length)
+            pos += length
+        }
+        out.append(logicalOffset: pos, physicalOffset: nil, length: s.dataSize - pos)
+        return out
+    }
+
     /// Clusters whose bit is clear in $Bitmap (record 6), as byte ranges. Only clusters the
     /// bitmap initializes and that lie inside both the boot sector's volume size and the
     /// source count; the backup boot sector after the last cluster is never free.

@@ -155,6 +155,32 @@ package struct XFSFileSystem: FileSystem {
         return String(decoding: target, as: UTF8.self)
     }
 
+    /// The cached block map clipped to the size: unwritten extents and gaps are holes. Files
+    /// on the realtime device have no mapping in this volume (nil).
+    package func fileExtents(_ node: UInt64) throws -> [FileExtent]? {
+        let map = try fileMap(node)
+        let i = map.inode
+        guard i.kind == .regular else {
+            throw CairnError(.usage, "XFS inode \(node) is a \(i.kind.rawValue), not a regular file; only regular files have extents",
+                             path: volume.name, offset: i.offset)
+        }
+        guard i.flags & XFSInode.realtimeFlag == 0 else { return nil }
+        let bs = UInt64(sb.blockSize)
+        var out: [FileExtent] = []
+        var pos: UInt64 = 0
+        // Extents ascend without overlap and end below Int64.max bytes (checked by the map).
+        for e in map.extents {
+            let start = e.logical * bs
+            guard start < i.size else { break }
+            out.append(logicalOffset: pos, physicalOffset: nil, length: start - pos)
+            let length = min(e.count * bs, i.size - start)
+            out.append(logicalOffset: start, physicalOffset: e.unwritten ? nil : e.physical * bs, length: length)
+            pos = start + length
+        }
+        out.append(logicalOffset: pos, physicalOffset: nil, length: i.size - pos)
+        return out
+    }
+
     package func read(_ node: UInt64, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
         let map = try fileMap(node)
         let i = map.inode
