@@ -60,6 +60,8 @@ let package = Package(
             dependencies: ["CairnCore", "RepositoryFormat", "Storage"],
             swiftSettings: strict
         ),
+        // Layer 2: talking to QEMU (QMP).
+        .target(name: "QEMU", dependencies: ["CairnCore"], swiftSettings: strict),
         // Layer 3: the NBD server (instant restore), over any block source.
         .target(
             name: "NBDServer",
@@ -76,7 +78,7 @@ let package = Package(
         .executableTarget(
             name: "cairn",
             dependencies: [
-                "Engine", "CairnCore", "DiskFormats", "GuestFS", "NBDServer", "Repository", "RepositoryFormat", "Storage",
+                "Engine", "CairnCore", "DiskFormats", "GuestFS", "NBDServer", "QEMU", "Repository", "RepositoryFormat", "Storage",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict
@@ -93,7 +95,8 @@ let package = Package(
         .testTarget(name: "RepositoryTests", dependencies: ["Repository", "RepositoryFormat", "Storage", "CairnCore", "CairnTestSupport"]),
         .testTarget(name: "EngineTests", dependencies: ["Engine", "DiskFormats", "GuestFS", "Repository", "RepositoryFormat", "Storage", "CairnCore", "CairnTestSupport"]),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "CairnCore", "CairnTestSupport"]),
-        .testTarget(name: "CLITests", dependencies: ["CairnCore", "CairnTestSupport"]),
+        .testTarget(name: "QEMUTests", dependencies: ["QEMU", "CairnCore", "CairnTestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["CairnCore", "CairnTestSupport", "QEMU"]),
     ],
     swiftLanguageModes: [.v6]
 )

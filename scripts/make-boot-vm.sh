@@ -5,8 +5,13 @@
 #   - prints CAIRN-HEARTBEAT on the serial console,
 #   - writes the line CAIRN-GUEST-WROTE-THIS into the last MiB of the disk (/dev/vda),
 #   - flushes and powers off.
+# and a variant for live migration whose kernel command line adds `cairn.stay`: after its
+# write it prints CAIRN-STAYING and, instead of powering off, stays up writing a tick
+# (CAIRN-TICK-00000001, ...; each made durable, then printed as "CAIRN-TICK n") every second
+# into the disk 4 KiB after the first marker.
 #
-#   scripts/make-boot-vm.sh OUTDIR       -> OUTDIR/boot.raw (kept and reused when present)
+#   scripts/make-boot-vm.sh OUTDIR       -> OUTDIR/boot.raw and OUTDIR/boot-stay.raw (kept and
+#                                           reused when present); prints the boot.raw path
 #
 # Needs (scripts/install-deps.sh installs them): syslinux, syslinux-common, busybox-static,
 # dosfstools, mtools, fdisk; the kernel comes from `apt-get download` (a Debian mirror).
@@ -14,7 +19,7 @@
 set -euo pipefail
 OUT=$(realpath -m "${1:?usage: make-boot-vm.sh OUTDIR}")
 mkdir -p "$OUT"
-[ -f "$OUT/boot.raw" ] && { echo "$OUT/boot.raw"; exit 0; }
+[ -f "$OUT/boot.raw" ] && [ -f "$OUT/boot-stay.raw" ] && { echo "$OUT/boot.raw"; exit 0; }
 W=$(mktemp -d "$OUT/.work.XXXXXX")
 trap 'rm -rf "$W"' EXIT
 cd "$W"
@@ -60,6 +65,18 @@ if [ -b /dev/vda ]; then
     sync
     echo "CAIRN-WROTE-DISK" >/dev/ttyS0
 fi
+if grep -qw cairn.stay /proc/cmdline; then
+    echo "CAIRN-STAYING" >/dev/ttyS0
+    n=0
+    while true; do
+        n=$((n + 1))
+        if [ -b /dev/vda ]; then
+            printf 'CAIRN-TICK-%08d\n' $n | dd of=/dev/vda bs=512 seek=$((size - 2048 + 8)) conv=notrunc,fsync 2>/dev/null
+        fi
+        echo "CAIRN-TICK $n" >/dev/ttyS0
+        sleep 1
+    done
+fi
 poweroff -f
 INIT
 chmod +x initrd/init
@@ -80,5 +97,10 @@ mkfs.vfat -F 16 --offset 2048 disk.raw 60416 >/dev/null
 syslinux --install --offset 1048576 disk.raw
 dd if=/usr/lib/syslinux/mbr/mbr.bin of=disk.raw bs=440 count=1 conv=notrunc status=none
 MTOOLS_SKIP_CHECK=1 mcopy -i disk.raw@@1M vmlinuz initrd.img syslinux.cfg ::/
+# The staying variant: the same disk with `cairn.stay` on the kernel command line.
+cp disk.raw stay.raw
+sed 's/panic=-1$/panic=-1 cairn.stay/' syslinux.cfg >stay.cfg
+MTOOLS_SKIP_CHECK=1 mcopy -o -i stay.raw@@1M stay.cfg ::/syslinux.cfg
+mv stay.raw "$OUT/boot-stay.raw"
 mv disk.raw "$OUT/boot.raw"
 echo "$OUT/boot.raw"

@@ -111,6 +111,11 @@ public final class RunningCLI: @unchecked Sendable {
     public var isRunning: Bool { process.isRunning }
     public var elapsed: Double { Date().timeIntervalSince(started) }
 
+    /// What the process has written to standard error so far (it keeps running).
+    public var stderrSoFar: String {
+        String(decoding: FileManager.default.contents(atPath: stderrPath) ?? Data(), as: UTF8.self)
+    }
+
     /// Sends `sig` to the process (harmless if it already exited but was not yet reaped).
     public func send(_ sig: Int32) {
         _ = kill(process.processIdentifier, sig)

@@ -3,6 +3,7 @@ import CairnCore
 import Engine
 import Foundation
 import NBDServer
+import QEMU
 import Repository
 #if canImport(Glibc)
 import Glibc
@@ -140,6 +141,11 @@ struct InstantRestore: ParsableCommand {
         restoring them first. The guest's writes go to overlay files in --overlay-dir, which are
         kept for the next instant-restore of the same snapshot unless --discard-overlay. The
         repository is never modified. Ends when the VM powers off (or on Ctrl-C, which stops it).
+
+        With --migrate-to, the disks are copied to local files while the VM runs (QMP
+        blockdev-mirror, docs/QMP.md); once every disk is in sync the VM switches to the files
+        without a reboot, and the NBD export is closed. The files include the guest's writes.
+        If the migration fails, the files are removed and the VM keeps running from the backup.
         """
     )
 
@@ -172,12 +178,58 @@ struct InstantRestore: ParsableCommand {
     @Option(help: "Path of qemu-system-x86_64.")
     var qemu = "qemu-system-x86_64"
 
+    @Option(help: ArgumentHelp("Move the running VM's disks to local storage: a directory (files <vm>-<disk>.<format> in it) or, for a one-disk snapshot, a file path.",
+                               valueName: "dir|path"))
+    var migrateTo: String?
+
+    @Option(help: "Format of the migrated disks: qcow2 or raw.")
+    var migrateFormat = "qcow2"
+
+    func validate() throws {
+        if MirrorFormat(rawValue: migrateFormat) == nil { throw ValidationError("--migrate-format must be qcow2 or raw") }
+    }
+
+    /// The file each disk moves to, checked before the VM starts.
+    private func migrationTargets(_ snap: SnapshotEntry) throws -> [String] {
+        guard let to = migrateTo else { return [] }
+        let format = migrateFormat
+        var isDir: ObjCBool = false
+        let targets: [String]
+        if FileManager.default.fileExists(atPath: to, isDirectory: &isDir), isDir.boolValue {
+            let vmName = snap.manifest.vm.replacingOccurrences(of: "/", with: "_")
+            targets = snap.manifest.disks.map { (to as NSString).appendingPathComponent("\(vmName)-\($0.name.replacingOccurrences(of: "/", with: "_")).\(format)") }
+        } else {
+            guard snap.manifest.disks.count == 1 else {
+                throw CairnError(.usage, "snapshot \(snap.id.short) has \(snap.manifest.disks.count) disks: --migrate-to must be an existing directory", path: to)
+            }
+            targets = [to]
+        }
+        // Absolute, so QEMU (and whoever reads its query-block) sees the same file.
+        let cwd = FileManager.default.currentDirectoryPath
+        return try targets.map { t in
+            let path = t.hasPrefix("/") ? t : ((cwd as NSString).appendingPathComponent(t) as NSString).standardizingPath
+            try checkTarget(path)
+            return path
+        }
+    }
+
+    private func checkTarget(_ t: String) throws {
+        if FileManager.default.fileExists(atPath: t) {
+            throw CairnError(.usage, "the migration target exists; Cairn does not overwrite it", path: t, hint: "remove it or choose another path")
+        }
+        let parent = (t as NSString).deletingLastPathComponent
+        if access(parent, W_OK) != 0 {
+            throw CairnError.errno("write to the migration target's directory", errno, path: parent)
+        }
+    }
+
     func run() throws {
         let repo = try options.open()
         let lock = try repo.lock(exclusive: false, job: "instant-restore")
         defer { lock.release() }
         let snap = try repo.resolveSnapshot(snapshot, vm: vm, codec: repo.makeCodec())
         guard !snap.manifest.disks.isEmpty else { throw CairnError(.usage, "snapshot \(snap.id.short) has no disks") }
+        let targets = try migrationTargets(snap)
         let set = try ExportSet.make(repository: repo, snapshots: [snap], writable: true, overlayDirectory: overlayDir)
         var discarded = false
         defer {
@@ -219,9 +271,28 @@ struct InstantRestore: ParsableCommand {
         let cancel = CancellationToken()
         let signals = installSignalHandlers(cancel)
         defer { signals.forEach { $0.cancel() } }
+        var migrationError: (any Error)?
+        if !targets.isEmpty {
+            do {
+                try migrate(qmp: qmp, targets: targets, set: set, qemu: p, cancel: cancel)
+                // Nothing reads the export any more: close it and flush the overlays.
+                server.shutdown()
+                unlink(socket)
+                set.closeOverlays()
+                printError("cairn: migration done: the VM runs from \(targets.joined(separator: ", ")); the NBD export is closed" +
+                           (discardOverlay ? "" : "; overlays kept in \(overlayDir)"))
+            } catch {
+                migrationError = error
+                printError("cairn: \(error)")
+            }
+        }
         while p.isRunning {
             if cancel.isCancelled {
+                // SIGTERM first (qemu then exits cleanly); SIGKILL if it is still there after 10 s.
                 p.terminate()
+                let deadline = Date().addingTimeInterval(10)
+                while p.isRunning && Date() < deadline { usleep(50_000) }
+                if p.isRunning { kill(p.processIdentifier, SIGKILL) }
                 break
             }
             usleep(100_000)
@@ -231,6 +302,27 @@ struct InstantRestore: ParsableCommand {
                    (discardOverlay ? "; overlays discarded" : "; overlays kept in \(overlayDir)"))
         if p.terminationStatus != 0 && !cancel.isCancelled {
             throw CairnError(.io, "qemu-system-x86_64 exited with status \(p.terminationStatus)" + (console ? "" : " (see \(serialLog))"))
+        }
+        if let migrationError, !cancel.isCancelled {
+            throw CairnError(.io, "the VM ran from the backup to the end: the migration had failed (\(migrationError))")
+        }
+    }
+
+    /// Mirrors every disk (node diskN) to its target while the VM runs, then switches over.
+    private func migrate(qmp path: String, targets: [String], set: ExportSet, qemu p: Process, cancel: CancellationToken) throws {
+        let format = MirrorFormat(rawValue: migrateFormat) ?? .qcow2
+        printError("cairn: migrating \(targets.count) disk\(targets.count == 1 ? "" : "s") to local storage (\(format.rawValue))")
+        let client = try QMPClient.connect(path: path, timeout: 60)
+        // The monitor serves one client at a time: let go of it when done.
+        defer { client.close() }
+        var mirror = DriveMirror(client: client, disks: targets.enumerated().map { i, t in
+            MirrorDisk(node: "disk\(i)", target: t, format: format, label: "disk \(set.descriptions[i].disk)")
+        })
+        mirror.progress = { printError("cairn: \($0)") }
+        mirror.shouldStop = { cancel.isCancelled || !p.isRunning }
+        let outcomes = try mirror.run()
+        for o in outcomes where !o.sourceRemoved {
+            printError("cairn: warning: \(o.disk.label) still has its NBD node \(o.disk.node) attached; closing the export anyway")
         }
     }
 
