@@ -11,21 +11,10 @@ public struct MaskedBlockSource: BlockSource {
     /// `masked` may come in any order and overlap; it is clipped to the source, sorted and merged.
     public init(base: any BlockSource, masked: [Range<UInt64>]) {
         self.base = base
-        var sorted = masked.compactMap { r -> Range<UInt64>? in
+        self.masked = masked.compactMap { r -> Range<UInt64>? in
             let hi = min(r.upperBound, base.size)
             return r.lowerBound < hi ? r.lowerBound..<hi : nil
-        }.sorted { $0.lowerBound < $1.lowerBound }
-        var merged: [Range<UInt64>] = []
-        merged.reserveCapacity(sorted.count)
-        for r in sorted {
-            if let last = merged.last, r.lowerBound <= last.upperBound {
-                merged[merged.count - 1] = last.lowerBound..<max(last.upperBound, r.upperBound)
-            } else {
-                merged.append(r)
-            }
-        }
-        sorted.removeAll()
-        self.masked = merged
+        }.mergedAscending()
     }
 
     public var size: UInt64 { base.size }
@@ -100,4 +89,20 @@ public struct MaskedBlockSource: BlockSource {
     }
 
     public func prefetch(_ range: Range<UInt64>) { base.prefetch(range) }
+}
+
+extension Array where Element == Range<UInt64> {
+    /// The same bytes as ascending, non-overlapping, non-empty ranges (touching ones merged).
+    public func mergedAscending() -> [Range<UInt64>] {
+        var out: [Range<UInt64>] = []
+        out.reserveCapacity(count)
+        for r in sorted(by: { $0.lowerBound < $1.lowerBound }) where !r.isEmpty {
+            if let last = out.last, r.lowerBound <= last.upperBound {
+                out[out.count - 1] = last.lowerBound..<Swift.max(last.upperBound, r.upperBound)
+            } else {
+                out.append(r)
+            }
+        }
+        return out
+    }
 }

@@ -47,16 +47,11 @@ package struct GuestInspection: Sendable {
                             path: path))
                     }
                 } catch {
-                    warnings.append("disk \(diskName): \(v.name.isEmpty ? "" : v.name + ": ")the \(fs.typeName) tree could not be walked to the end (\(describeError(error))); the catalog lists what was read")
+                    warnings.append("disk \(diskName): \(v.name.isEmpty ? "" : v.name + ": ")the \(fs.typeName) tree could not be walked to the end (\(describe(error))); the catalog lists what was read")
                 }
             }
             catalog = c
         }
         return GuestInspection(freeRanges: free, catalog: catalog, volumes: summary, warnings: warnings)
     }
-}
-
-func describeError(_ error: any Error) -> String {
-    if let e = error as? CairnError { return e.message }
-    return "\(error)"
 }

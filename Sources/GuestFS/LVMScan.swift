@@ -54,20 +54,8 @@ enum LVMScan {
                     }
                     return mapped
                 }
-                var v = Volume(name: name, source: source, content: .unrecognized, partition: nil, toDisk: toDisk)
-                if DiskLayout.isSwap(source) {
-                    v.content = .swap
-                } else {
-                    for r in readers where r.probe(source) {
-                        do {
-                            v.content = .fileSystem(try r.open(source))
-                        } catch {
-                            v.content = .damaged(typeName: r.typeName, reason: describe(error))
-                            warnings.append("\(name): \(r.typeName) signature found but it cannot be read: \(describe(error))")
-                        }
-                        break
-                    }
-                }
+                let v = DiskLayout.classify(name: name, source: source, partition: nil, toDisk: toDisk, readers: readers,
+                                            lookForLVM: false, warnings: &warnings)
                 out.append(v)
             }
         }

@@ -111,15 +111,17 @@ package struct DiskLayout: Sendable {
         return DiskLayout(table: table, volumes: volumes, warnings: warnings)
     }
 
-    private static func classify(name: String, source: any BlockSource, partition: Partition?,
-                                 toDisk: @escaping @Sendable (Range<UInt64>) -> [Range<UInt64>],
-                                 readers: [FileSystemReader], warnings: inout [String]) -> Volume {
+    /// What `source` holds: swap, an LVM2 PV (unless `lookForLVM` is off, as inside a logical
+    /// volume), a file system, or nothing recognised.
+    static func classify(name: String, source: any BlockSource, partition: Partition?,
+                         toDisk: @escaping @Sendable (Range<UInt64>) -> [Range<UInt64>],
+                         readers: [FileSystemReader], lookForLVM: Bool = true, warnings: inout [String]) -> Volume {
         var v = Volume(name: name, source: source, content: .unrecognized, partition: partition, toDisk: toDisk)
         if isSwap(source) {
             v.content = .swap
             return v
         }
-        if let lvm = LVMScan.classify(source, name: name.isEmpty ? "disk" : name, warnings: &warnings) {
+        if lookForLVM, let lvm = LVMScan.classify(source, name: name.isEmpty ? "disk" : name, warnings: &warnings) {
             v.content = lvm
             return v
         }
@@ -172,21 +174,12 @@ package struct DiskLayout: Sendable {
         out += LVMScan.unusedDiskRanges(of: volumes.filter {
             if case .lvmPhysicalVolume = $0.content { return true } else { return false }
         })
-        out.sort { $0.lowerBound < $1.lowerBound }
-        var merged: [Range<UInt64>] = []
-        for r in out where !r.isEmpty {
-            if let last = merged.last, r.lowerBound <= last.upperBound {
-                merged[merged.count - 1] = last.lowerBound..<max(last.upperBound, r.upperBound)
-            } else {
-                merged.append(r)
-            }
-        }
-        return merged
+        return out.mergedAscending()
     }
 }
 
 /// The text of an error for a warning line.
-func describe(_ error: any Error) -> String {
+package func describe(_ error: any Error) -> String {
     if let e = error as? CairnError { return e.message }
     return "\(error)"
 }
