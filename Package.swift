@@ -71,7 +71,7 @@ let package = Package(
         // Layer 4.
         .target(
             name: "Engine",
-            dependencies: ["CairnCore", "DiskFormats", "GuestFS", "RepositoryFormat", "Storage", "Repository"],
+            dependencies: ["CairnCore", "DiskFormats", "GuestFS", "QEMU", "RepositoryFormat", "Storage", "Repository"],
             swiftSettings: strict
         ),
         // Layer 5.
@@ -95,7 +95,7 @@ let package = Package(
         .testTarget(name: "RepositoryTests", dependencies: ["Repository", "RepositoryFormat", "Storage", "CairnCore", "CairnTestSupport"]),
         .testTarget(name: "EngineTests", dependencies: ["Engine", "DiskFormats", "GuestFS", "Repository", "RepositoryFormat", "Storage", "CairnCore", "CairnTestSupport"]),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "CairnCore", "CairnTestSupport"]),
-        .testTarget(name: "QEMUTests", dependencies: ["QEMU", "CairnCore", "CairnTestSupport"]),
+        .testTarget(name: "QEMUTests", dependencies: ["QEMU", "NBDServer", "CairnCore", "CairnTestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["CairnCore", "CairnTestSupport", "QEMU"]),
     ],
     swiftLanguageModes: [.v6]
