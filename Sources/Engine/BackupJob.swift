@@ -20,6 +20,21 @@ package struct BackupDisk: Sendable {
     package var skipFreeSpace: Bool
     /// Walk the guest file systems and store a file catalog for `cairn find`.
     package var catalog: Bool
+    /// Trust but verify change tracking: this fraction (0...1) of the chunks `changedRanges`
+    /// calls unchanged is read anyway and compared with `base`; any difference abandons change
+    /// tracking for this disk and reads everything (`readMode` becomes `hash-scan`).
+    package var cbtSample: Double = 0.01
+    /// Recorded in the manifest (live backups): how the disk is read and why, the base
+    /// snapshot, the dirty bitmap that tracks changes from this snapshot on.
+    package var readMode: String?
+    package var readNote: String?
+    package var baseSnapshot: String?
+    package var cbtBitmap: String?
+    package var cbtGeneration: Int?
+    package var cbtNode: String?
+    /// Bytes the source was asked for in total (an NBD client's count, including guest
+    /// inspection and CBT samples); the manifest's `bytesRead` when set.
+    package var bytesRequested: (@Sendable () -> UInt64)?
 
     package init(name: String, source: any BlockSource, format: String, path: String,
                  changedRanges: [Range<UInt64>]? = nil, base: DiskIndex? = nil, skipFreeSpace: Bool = true, catalog: Bool = true) {
@@ -100,6 +115,12 @@ package final class BackupJob: @unchecked Sendable {
     package let toolVersion: String
     /// What the guest inspection could not do (a file system it could not read, ...), set by `run`.
     package private(set) var warnings: [String] = []
+    /// Snapshot-level facts of live backups (docs/FORMAT.md).
+    package var consistency = "crash"
+    package var source: String?
+    package var vmConfig: String?
+    /// Per disk, what the CBT sample found (set by `run`): nil when not sampled.
+    package private(set) var cbtChecks: [String: CBTCheck] = [:]
 
     package init(repository: Repository, vm: String, tags: [String], disks: [BackupDisk], progress: any ProgressReporter = SilentProgress(),
                  cancel: CancellationToken = CancellationToken(), workers: Int = defaultWorkerCount(), toolVersion: String) {
@@ -143,20 +164,34 @@ package final class BackupJob: @unchecked Sendable {
                     disk.source = masked
                 }
                 Trace.mark("backup: disk \(disk.name) inspected, \(freeBytes) bytes free, \(guest.catalog?.entries.count ?? 0) files")
-                let index = try backupDisk(disk, known: known, counters: counters)
+                let (index, check) = try backupDisk(disk, known: known, counters: counters)
+                if let check {
+                    cbtChecks[disk.name] = check
+                    if check.mismatch != nil {
+                        disk.readMode = "hash-scan"
+                        warnings.append("disk \(disk.name): \(check.description)")
+                    }
+                    disk.readNote = (disk.readNote.map { $0 + "; " } ?? "") + check.description
+                }
                 indexes.append(index)
                 let catalogIndex = try guest.catalog.map { try storeBlob($0.encode(), known: known, counters: counters) }
                 catalogIndexes.append(catalogIndex)
                 manifestDisks.append(Manifest.Disk(
                     name: disk.name, virtualSize: disk.source.size, sourceFormat: disk.format, sourcePath: disk.path, index: "",
                     chunks: index.entries.count,
-                    bytesRead: counters.read.load(ordering: .relaxed) - before.0,
+                    bytesRead: disk.bytesRequested?() ?? (counters.read.load(ordering: .relaxed) - before.0),
                     bytesNew: counters.new.load(ordering: .relaxed) - before.1,
                     bytesDeduplicated: counters.dedup.load(ordering: .relaxed) - before.2,
                     bytesZero: counters.zero.load(ordering: .relaxed) - before.3,
                     bytesStored: counters.stored.load(ordering: .relaxed) - before.4,
                     skipFreeSpace: disk.skipFreeSpace, bytesFree: disk.skipFreeSpace ? freeBytes : nil,
                     volumes: disk.skipFreeSpace || disk.catalog ? guest.volumes : nil))
+                manifestDisks[manifestDisks.count - 1].readMode = disk.readMode
+                manifestDisks[manifestDisks.count - 1].readNote = disk.readNote
+                manifestDisks[manifestDisks.count - 1].base = disk.readMode == "cbt" ? disk.baseSnapshot : nil
+                manifestDisks[manifestDisks.count - 1].cbtBitmap = disk.cbtBitmap
+                manifestDisks[manifestDisks.count - 1].cbtGeneration = disk.cbtGeneration
+                manifestDisks[manifestDisks.count - 1].cbtNode = disk.cbtNode
             }
         }
         Trace.mark("backup: chunks stored")
@@ -171,8 +206,10 @@ package final class BackupJob: @unchecked Sendable {
         }
         try repository.store.barrier()
         try cancel.check()
-        let manifest = Manifest(vm: vm, time: timestamp(started), host: hostName(), tags: tags, toolVersion: toolVersion,
-                                chunkSize: repository.chunkSize, disks: manifestDisks)
+        var manifest = Manifest(vm: vm, time: timestamp(started), host: hostName(), tags: tags, toolVersion: toolVersion,
+                                chunkSize: repository.chunkSize, consistency: consistency, disks: manifestDisks)
+        manifest.source = source
+        manifest.vmConfig = vmConfig
         let id = try repository.writeManifest(manifest, codec: codec)
         Trace.mark("backup: indexes and manifest written")
         progress.finish(ProgressSnapshot(phase: "backup", doneBytes: total, totalBytes: total,
@@ -209,10 +246,21 @@ package final class BackupJob: @unchecked Sendable {
         return DiskIndex(virtualSize: UInt64(bytes.count), chunkSize: chunkSize, entries: entries)
     }
 
-    private func backupDisk(_ disk: BackupDisk, known: ChunkSet, counters: Counters) throws -> DiskIndex {
+    private func backupDisk(_ disk: BackupDisk, known: ChunkSet, counters: Counters) throws -> (DiskIndex, CBTCheck?) {
         let chunkSize = repository.chunkSize
         let source = disk.source
-        let plan = try ReadPlan.make(source: source, chunkSize: chunkSize, changed: disk.changedRanges, base: disk.base)
+        var plan = try ReadPlan.make(source: source, chunkSize: chunkSize, changed: disk.changedRanges, base: disk.base)
+        var check: CBTCheck?
+        if disk.changedRanges != nil, disk.base != nil, disk.cbtSample > 0 {
+            let c = try CBTCheck.run(source: source, plan: plan, chunkSize: chunkSize, fraction: disk.cbtSample,
+                                     codec: repository.makeCodec(), cancel: cancel)
+            counters.read.add(c.bytesRead, ordering: .relaxed)
+            check = c
+            if c.mismatch != nil {
+                // The bitmap missed a write: nothing it says can be trusted this run.
+                plan = try ReadPlan.make(source: source, chunkSize: chunkSize)
+            }
+        }
         Trace.mark("backup: disk \(disk.name) planned, \(plan.toRead.count) of \(plan.chunkCount) chunks to read")
         let slots = SharedSlots<CairnCore.Digest>(count: plan.chunkCount, initial: .zero)
         let template = DiskIndex(virtualSize: source.size, chunkSize: chunkSize, entries: [])
@@ -286,6 +334,6 @@ package final class BackupJob: @unchecked Sendable {
                 counters.new.add(UInt64(len), ordering: .relaxed)
             }
         }
-        return DiskIndex(virtualSize: source.size, chunkSize: chunkSize, entries: slots.array)
+        return (DiskIndex(virtualSize: source.size, chunkSize: chunkSize, entries: slots.array), check)
     }
 }

@@ -74,7 +74,14 @@ public final class QMPClient: @unchecked Sendable {
         self.path = path
         self.fd = fd
         self.commandTimeout = commandTimeout
+        // struct ucred { pid_t pid; uid_t uid; gid_t gid; } (Glibc hides it behind _GNU_SOURCE).
+        var cred: (pid: Int32, uid: UInt32, gid: UInt32) = (0, 0, 0)
+        var len = socklen_t(MemoryLayout<(Int32, UInt32, UInt32)>.size)
+        if getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0, cred.pid > 0 { peerPID = cred.pid }
     }
+
+    /// The process id of QEMU at the other end of the socket (SO_PEERCRED), if known.
+    public private(set) var peerPID: Int32?
 
     deinit { close() }
 

@@ -34,6 +34,20 @@ package struct Manifest: Codable, Sendable, Equatable {
         package var bytesFree: UInt64?
         /// What the disk holds, one line per volume ("p1 ext4", "p2 swap", "vg0/root xfs").
         package var volumes: [String]?
+        /// How the disk was read: `full` (every allocated block), `cbt` (only the blocks a QEMU
+        /// dirty bitmap marks changed since the base snapshot; the rest reused from it) or
+        /// `hash-scan` (every allocated block, compared by content with the base). Absent in
+        /// image backups made before live backups existed (they are `full` or `hash-scan`).
+        package var readMode: String?
+        /// Why the disk was not read with change tracking, or what the CBT check found.
+        package var readNote: String?
+        /// The base snapshot (hex id) whose index unchanged chunks were taken from (cbt).
+        package var base: String?
+        /// Change tracking from this snapshot on: the QEMU dirty bitmap (on `cbtNode`) that
+        /// records every write made after this snapshot's point in time, and its generation.
+        package var cbtBitmap: String?
+        package var cbtGeneration: Int?
+        package var cbtNode: String?
 
         /// The index objects this disk refers to: its disk index and, when present, its catalog.
         package var indexReferences: [(what: String, hex: String)] {
@@ -60,6 +74,11 @@ package struct Manifest: Codable, Sendable, Equatable {
     package var chunkSize: Int
     package var consistency: String
     package var disks: [Disk]
+    /// Live backups: where the VM was read from (`qmp:PATH`).
+    package var source: String?
+    /// Live backups: the VM's configuration as QEMU described it (JSON text: command line,
+    /// machine, CPUs, memory, disks), so an equivalent VM can be started later.
+    package var vmConfig: String?
 
     package init(vm: String, time: String, host: String, tags: [String], toolVersion: String, chunkSize: Int, consistency: String = "crash", disks: [Disk]) {
         self.version = 1

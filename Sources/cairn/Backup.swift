@@ -8,8 +8,11 @@ import RepositoryFormat
 
 struct Backup: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Back up VM disk images into one snapshot.",
-        discussion: "DISK is NAME=PATH or PATH (the disk is then named after its file name). Raw files, block devices, qcow2, VMDK (descriptor or sparse extent), VHD and VHDX images; the format is detected from the header unless --format is given."
+        abstract: "Back up VM disk images, or a running QEMU VM, into one snapshot.",
+        discussion: """
+        DISK is NAME=PATH or PATH (the disk is then named after its file name). Raw files, block devices, qcow2, VMDK (descriptor or sparse extent), VHD and VHDX images; the format is detected from the header unless --format is given.
+        With --qmp SOCKET a running VM is backed up instead (no DISK arguments): a point-in-time image of all its disks, read over NBD, only the blocks changed since the last snapshot when QEMU's dirty bitmaps can be trusted (docs/LIVE-BACKUP.md).
+        """
     )
 
     @OptionGroup var options: RepositoryOptions
@@ -35,15 +38,28 @@ struct Backup: ParsableCommand {
     @Flag(help: "Do not walk the guest file systems to build the file catalog `cairn find` searches.")
     var noCatalog = false
 
+    @OptionGroup(title: "Live backup of a running QEMU VM") var live: LiveOptions
+
     @Argument(help: "Disks: NAME=PATH or PATH.")
-    var disks: [String]
+    var disks: [String] = []
 
     func validate() throws {
-        if disks.isEmpty { throw ValidationError("name at least one disk") }
         if vm.isEmpty { throw ValidationError("--vm must not be empty") }
+        if live.qmp == nil {
+            if disks.isEmpty { throw ValidationError("name at least one disk (or --qmp SOCKET for a running VM)") }
+            try live.validateUnused()
+        } else {
+            if !disks.isEmpty { throw ValidationError("with --qmp the disks come from the VM: use --node NAME=NODE to choose them, not DISK arguments") }
+            if format != nil || !backing.isEmpty { throw ValidationError("--format and --backing apply to image files, not to --qmp") }
+            _ = try live.sampleFraction()
+        }
     }
 
     func run() throws {
+        if let qmp = live.qmp {
+            try runLive(qmp: qmp)
+            return
+        }
         var forced: ImageFormat?
         if let format {
             guard let f = ImageFormat(rawValue: format) else { throw CairnError(.usage, "unknown format '\(format)'", hint: "use raw, qcow2, vmdk, vhd or vhdx") }

@@ -30,25 +30,33 @@ struct Snapshots: ParsableCommand {
                       "bytes_read": d.bytesRead, "bytes_new": d.bytesNew, "bytes_deduplicated": d.bytesDeduplicated,
                       "bytes_zero": d.bytesZero, "bytes_stored": d.bytesStored, "bytes_free": d.bytesFree.map { $0 as Any } ?? NSNull(),
                       "skip_free": d.skipFreeSpace.map { $0 as Any } ?? NSNull(), "volumes": d.volumes.map { $0 as Any } ?? NSNull(),
-                      "catalog": d.catalog.map { $0 as Any } ?? NSNull()] as [String: Any]
-                 }]
+                      "catalog": d.catalog.map { $0 as Any } ?? NSNull(),
+                      "read_mode": d.readMode.map { $0 as Any } ?? NSNull(), "read_note": d.readNote.map { $0 as Any } ?? NSNull(),
+                      "base": d.base.map { $0 as Any } ?? NSNull(), "cbt_bitmap": d.cbtBitmap.map { $0 as Any } ?? NSNull()] as [String: Any]
+                 },
+                 "source": s.manifest.source.map { $0 as Any } ?? NSNull()]
             }
             let d = try JSONSerialization.data(withJSONObject: arr, options: [.prettyPrinted, .sortedKeys])
             FileHandle.standardOutput.write(d + Data("\n".utf8))
             return
         }
-        print("ID        Time                      VM               Disks")
-        print(String(repeating: "-", count: 78))
+        func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s.padding(toLength: n, withPad: " ", startingAt: 0) }
+        print("ID        Time                  VM               Read       Bytes read  Consistency  Disks")
+        print(String(repeating: "-", count: 100))
         for s in list {
             let disks = s.manifest.disks.map { "\($0.name) (\(ByteCount.format($0.virtualSize)))" }.joined(separator: ", ")
             let time = String(s.manifest.time.prefix(19)).replacingOccurrences(of: "T", with: " ")
-            var line = "\(s.id.short)  \(time.padding(toLength: 24, withPad: " ", startingAt: 0))  \(s.manifest.vm.padding(toLength: 15, withPad: " ", startingAt: 0))  \(disks)"
+            // How the disks were read: full / cbt / hash-scan (live backups), image (image files).
+            let modes = Set(s.manifest.disks.map { $0.readMode ?? "image" })
+            let mode = modes.count == 1 ? modes.first! : "mixed"
+            let read = ByteCount.format(s.manifest.disks.reduce(UInt64(0)) { $0 + $1.bytesRead })
+            var line = "\(s.id.short)  \(pad(time, 20))  \(pad(s.manifest.vm, 15))  \(pad(mode, 9))  \(pad(read, 10))  \(pad(s.manifest.consistency, 11))  \(disks)"
             if !s.manifest.tags.isEmpty { line += "  [\(s.manifest.tags.joined(separator: ","))]" }
             if protected.contains(s.id.hex) { line += "  (protected)" }
             if damaged.contains(s.id.hex) { line += "  (DAMAGED: see `cairn repair`)" }
             print(line)
         }
-        print(String(repeating: "-", count: 78))
+        print(String(repeating: "-", count: 100))
         print("\(list.count) snapshot\(list.count == 1 ? "" : "s")")
     }
 }

@@ -190,10 +190,10 @@ struct SparseAndDedupTests {
         let touched = E.chunks(touchedBy: changes.map { $0.offset..<$0.offset + $0.bytes.count }, chunkSize: chunk)
 
         let source = CountingSource(try FileBlockSource(path: disk))
-        let job = BackupJob(repository: repo, vm: "cbt", tags: [],
-                            disks: [BackupDisk(name: "vda", source: source, format: "raw", path: disk, changedRanges: ranges, base: base,
-                                                       skipFreeSpace: false, catalog: false)],
-                            workers: 3, toolVersion: "test")
+        var cbtDisk = BackupDisk(name: "vda", source: source, format: "raw", path: disk, changedRanges: ranges, base: base,
+                                 skipFreeSpace: false, catalog: false)
+        cbtDisk.cbtSample = 0 // exact read counts: no verification sample
+        let job = BackupJob(repository: repo, vm: "cbt", tags: [], disks: [cbtDisk], workers: 3, toolVersion: "test")
         let s2 = try job.run()
         let d = try E.disk(s2)
         let touchedBytes = touched.reduce(UInt64(0)) { $0 + UInt64(base.length(ofChunk: $1)) }
@@ -230,6 +230,35 @@ struct SparseAndDedupTests {
         #expect(e?.code == .corrupt)
         #expect(e?.message.contains(victim.hex) == true)
         #expect(try repo.listSnapshots(codec: repo.makeCodec()).snapshots.count == 3)
+    }
+
+    @Test("change tracking that misses a write is caught by the sample: everything is read, the index is right")
+    func lyingChangeTracking() throws {
+        let dir = try TempDir("cbt-lie")
+        let chunk = 64 * KiB
+        let size = 2 * MiB
+        let disk = dir.file("v.raw")
+        try E.denseDisk(disk, size: size, seed: 40)
+        let repo = try E.makeRepo(dir, chunkSize: chunk)
+        let s1 = try E.backup(repo, vm: "lie", [.init("vda", disk)])
+        let base = try E.index(repo, s1)
+        var rng = SeededRandom(seed: 41)
+        try writeBytes(rng.bytes(100), to: disk, at: 10_000)      // reported
+        try writeBytes(rng.bytes(100), to: disk, at: 1_500_000)   // not reported: the "bitmap" lies
+        let source = CountingSource(try FileBlockSource(path: disk))
+        var d = BackupDisk(name: "vda", source: source, format: "raw", path: disk, changedRanges: [10_000..<10_100], base: base,
+                           skipFreeSpace: false, catalog: false)
+        d.cbtSample = 1
+        d.readMode = "cbt"
+        let job = BackupJob(repository: repo, vm: "lie", tags: [], disks: [d], workers: 2, toolVersion: "test")
+        let s2 = try job.run()
+        let m = try E.disk(s2)
+        #expect(m.readMode == "hash-scan")
+        #expect(m.readNote?.contains("chunk \(1_500_000 / chunk)") == true, "\(m.readNote ?? "")")
+        #expect(job.cbtChecks["vda"]?.mismatch?.position == 1_500_000 / chunk)
+        // The index is what a full read gives.
+        let full = try E.backup(repo, vm: "lie-full", [.init("vda", disk)])
+        #expect(try E.index(repo, s2).entries == E.index(repo, full).entries)
     }
 
     @Test("identical chunks inside one disk and across disks of one snapshot are stored once")
