@@ -34,7 +34,8 @@ struct Snapshots: ParsableCommand {
                       "read_mode": d.readMode.map { $0 as Any } ?? NSNull(), "read_note": d.readNote.map { $0 as Any } ?? NSNull(),
                       "base": d.base.map { $0 as Any } ?? NSNull(), "cbt_bitmap": d.cbtBitmap.map { $0 as Any } ?? NSNull()] as [String: Any]
                  },
-                 "source": s.manifest.source.map { $0 as Any } ?? NSNull()]
+                 "source": s.manifest.source.map { $0 as Any } ?? NSNull(),
+                 "vm_config": s.manifest.vmConfig.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) } ?? NSNull()]
             }
             let d = try JSONSerialization.data(withJSONObject: arr, options: [.prettyPrinted, .sortedKeys])
             FileHandle.standardOutput.write(d + Data("\n".utf8))

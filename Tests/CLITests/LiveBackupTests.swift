@@ -236,7 +236,24 @@ final class StorageDaemon: @unchecked Sendable {
         let first = disk0(try backup(env, qsd, ["--workers", "1"]))
         #expect(first["read_mode"] as? String == "full")
 
+        // A failing pre-hook stops the backup before QEMU is touched.
+        let hooked = try env.cli.run(["backup", "--vm", "qsd", "--qmp", qsd.qmpPath, "--node", "disk0", "--nbd-socket", qsd.nbdPath,
+                                      "--scratch-dir", env.dir.path, "--pre-hook", "exit 3"])
+        #expect(hooked.status != 0 && hooked.stderr.contains("pre hook"), "\(hooked)")
+        try expectClean(qsd, bitmap: first["bitmap"] as? String)
+
         try qsd.write(["write -P 0x21 0 200M"])
+        // SIGTERM in the middle: exit status 130, and QEMU is left clean with the bitmap rolled
+        // back (the next run is still an incremental).
+        let term = try env.cli.start(["backup", "--vm", "qsd", "--qmp", qsd.qmpPath, "--node", "disk0", "--nbd-socket", qsd.nbdPath,
+                                      "--scratch-dir", env.dir.path, "--no-skip-free", "--no-catalog", "--workers", "1"])
+        while !term.stderrSoFar.contains("point in time taken") && term.isRunning { usleep(5_000) }
+        term.send(SIGTERM)
+        let termed = term.wait()
+        #expect(termed.status == 130, "\(termed)")
+        try expectClean(qsd, bitmap: first["bitmap"] as? String)
+        #expect(try env.snapshots().count == 1)
+
         let run = try env.cli.start(["backup", "--vm", "qsd", "--qmp", qsd.qmpPath, "--node", "disk0", "--nbd-socket", qsd.nbdPath,
                                      "--scratch-dir", env.dir.path, "--no-skip-free", "--no-catalog", "--workers", "1"])
         let deadline = Date().addingTimeInterval(60)

@@ -140,6 +140,11 @@ import Glibc
         let agent = try GuestAgentClient.connect(path: qga, timeout: 10)
         #expect(try agent.fsfreezeStatus() == "thawed")
         agent.close()
+        // The VM's configuration is in the snapshot: its command line, memory, disks.
+        let config = try #require(try env.snapshots().last?["vm_config"] as? [String: Any])
+        #expect((config["cmdline"] as? [String])?.first?.hasSuffix("qemu-system-x86_64") == true, "\(config)")
+        #expect((config["memory"] as? Int) == 256 * MiB, "\(config)")
+        #expect(((config["disks"] as? [[String: Any]])?.first?["name"] as? String) == "vda", "\(config)")
         let snaps = try env.expect(0, ["snapshots"]).stdout
         #expect(snaps.contains("application") && snaps.contains("cbt"), "\(snaps)")
     }
