@@ -14,13 +14,15 @@
 #   bench/cbt.sh [WORKDIR]        (default bench/work/cbt; needs root for drop_caches)
 #
 # Environment: BENCH_RUNS (default 3: incrementals repeated with fresh changes; medians),
-# BENCH_USED (default 2G). Page cache dropped before every timed step. Release build.
+# BENCH_USED (default 2G), BENCH_CHUNKS (Cairn repository chunk sizes, default "512K 64K":
+# scattered 64 KiB writes cost a whole chunk each, so the chunk size sets the read volume). Page cache dropped before every timed step. Release build.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 WORKDIR=$(realpath -m "${1:-$BENCH_DIR/work/cbt}")
 RUNS=${BENCH_RUNS:-3}
 USED=${BENCH_USED:-2G}
 USED_BYTES=$(numfmt --from=iec "$USED")
+CHUNKS=${BENCH_CHUNKS:-"512K 64K"}
 [[ $EUID -eq 0 ]] || die "run as root (page-cache dropping)"
 need qemu-storage-daemon qemu-system-common
 need qemu-io qemu-utils
@@ -95,22 +97,28 @@ restic_file() { # REPO FILE -> wall seconds
     t1=$(now)
     calc "$t1 - $t0"
 }
-field() { python3 -c "import json,sys; d=json.load(open('$WORKDIR/last.json')); print(d['disks'][0]['$1'])"; }
+field() { python3 -c "import json; d=json.loads(open('$WORKDIR/last.json').read().splitlines()[-1]); print(d['disks'][0]['$1'])"; }
 
 declare -A INC READ
+RINC=
+for chunk in $CHUNKS; do
 for size in 4G 32G; do
+    key=$chunk-$size
     disk=$WORKDIR/disk-$size.qcow2
-    log "disk $size: $USED of data"
+    log "disk $size, Cairn chunk size $chunk: $USED of data"
     rm -f "$disk"
     qemu-img convert -f raw -O qcow2 "$DATA" "$disk"
     qemu-img resize -q "$disk" "$size"
-    crepo=$WORKDIR/cairn-$size rrepo=$WORKDIR/restic-$size
-    rm -rf "$crepo" "$rrepo"
-    "$CAIRN" init --repo "$crepo" >/dev/null
+    crepo=$WORKDIR/cairn-$key rrepo=$WORKDIR/restic-$size
+    rm -rf "$crepo"
+    "$CAIRN" init --repo "$crepo" --chunk-size "$chunk" >/dev/null
+    # restic runs once (with the first chunk size's pass), on the 4 GiB disk.
+    [[ $chunk == "${CHUNKS%% *}" && $size == 4G ]] && restic_pass=1 || restic_pass=0
+    (( restic_pass )) && rm -rf "$rrepo"
     start_qsd "$disk" "$size"
     full=$(cairn_live "$size" "$crepo")
     log "  cairn full live backup: ${full}s ($(field read_mode), read $(field nbd_bytes_requested) bytes)"
-    if [[ $size == 4G ]]; then
+    if (( restic_pass )); then
         restic init -r "$rrepo" >/dev/null
         rfull=$(restic_file "$rrepo" "$disk")
         log "  restic full backup of the image file: ${rfull}s"
@@ -118,10 +126,10 @@ for size in 4G 32G; do
     for run in $(seq "$RUNS"); do
         change "$size" "$run"
         inc=$(cairn_live "$size" "$crepo")
-        INC[$size]+="$inc "
-        READ[$size]=$(field nbd_bytes_requested)
-        log "  run $run: cairn CBT incremental ${inc}s ($(field read_mode), dirty $(field dirty_bytes), read ${READ[$size]})"
-        if [[ $size == 4G ]]; then
+        INC[$key]+="$inc "
+        READ[$key]=$(field nbd_bytes_requested)
+        log "  run $run: cairn ($chunk chunks) CBT incremental ${inc}s ($(field read_mode), dirty $(field dirty_bytes), read ${READ[$key]})"
+        if (( restic_pass )); then
             rinc=$(restic_file "$rrepo" "$disk")
             RINC+="$rinc "
             log "  run $run: restic incremental (re-reads the image) ${rinc}s"
@@ -129,19 +137,25 @@ for size in 4G 32G; do
     done
     stop_qsd
 done
+done
 
-c4=$(tr ' ' '\n' <<<"${INC[4G]}" | grep . | median)
-c32=$(tr ' ' '\n' <<<"${INC[32G]}" | grep . | median)
-r4=$(tr ' ' '\n' <<<"$RINC" | grep . | median)
+med() { tr ' ' '\n' <<<"$1" | grep . | median; }
+r4=$(med "$RINC")
 floor=$( { sync; echo 3 >/proc/sys/vm/drop_caches; t0=$(now); cat "$WORKDIR/disk-4G.qcow2" >/dev/null; t1=$(now); calc "$t1 - $t0"; } )
 {
-    echo "| measure ($(date +%F), medians of $RUNS, $USED used, 1 % rewritten) | seconds | ratio | target |"
+    echo "| measure ($(date +%F), medians of $RUNS, $USED used, 1 % rewritten in 64 KiB writes at random offsets) | seconds | ratio | target |"
     echo "|---|--:|--:|--:|"
     printf '| restic incremental, 4 GiB image file | %.2f | 1 | |\n' "$r4"
-    printf '| cairn CBT incremental, 4 GiB disk | %.2f | %.3f of restic | <= 0.05 |\n' "$c4" "$(calc "$c4 / $r4")"
-    printf '| cairn CBT incremental, 32 GiB disk | %.2f | %.2f of 4 GiB | ~1 |\n' "$c32" "$(calc "$c32 / $c4")"
+    for chunk in $CHUNKS; do
+        c4=$(med "${INC[$chunk-4G]}") c32=$(med "${INC[$chunk-32G]}")
+        printf '| cairn CBT incremental, 4 GiB disk, %s chunks | %.2f | %.3f of restic | <= 0.05 |\n' "$chunk" "$c4" "$(calc "$c4 / $r4")"
+        printf '| cairn CBT incremental, 32 GiB disk, %s chunks | %.2f | %.2f of 4 GiB | ~1 |\n' "$chunk" "$c32" "$(calc "$c32 / $c4")"
+    done
     printf '| floor: cat of the 4 GiB qcow2 file (cold) | %.2f | %.3f of restic | |\n' "$floor" "$(calc "$floor / $r4")"
     echo
-    echo "Bytes read over NBD by the last incremental: 4 GiB disk ${READ[4G]}, 32 GiB disk ${READ[32G]}."
-    echo "Runs (s): cairn 4G ${INC[4G]}; cairn 32G ${INC[32G]}; restic $RINC"
+    for chunk in $CHUNKS; do
+        echo "Bytes read over NBD by the last incremental, $chunk chunks: 4 GiB disk ${READ[$chunk-4G]}, 32 GiB disk ${READ[$chunk-32G]}."
+        echo "Runs (s), $chunk chunks: 4 GiB ${INC[$chunk-4G]}; 32 GiB ${INC[$chunk-32G]}"
+    done
+    echo "Runs (s), restic: $RINC"
 } | tee "$WORKDIR/results.md"

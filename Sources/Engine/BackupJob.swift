@@ -119,6 +119,9 @@ package final class BackupJob: @unchecked Sendable {
     package var consistency = "crash"
     package var source: String?
     package var vmConfig: String?
+    /// The ids of the chunks stored, when the caller lists them itself (a live backup lists them
+    /// while QEMU prepares the point in time); nil: `run` lists them.
+    package var knownChunks: (@Sendable () throws -> Set<CairnCore.Digest>)?
     /// Per disk, what the CBT sample found (set by `run`): nil when not sampled.
     package private(set) var cbtChecks: [String: CBTCheck] = [:]
 
@@ -133,7 +136,7 @@ package final class BackupJob: @unchecked Sendable {
         let lock = try repository.lock(exclusive: false, job: "backup \(vm)")
         defer { lock.release() }
 
-        let known = ChunkSet(try repository.listChunkIDs())
+        let known = ChunkSet(try knownChunks?() ?? repository.listChunkIDs())
         Trace.mark("backup: locked, \(repository.chunkSize) B chunks, chunk list read")
         let total = disks.reduce(UInt64(0)) { $0 + $1.source.size }
         let counters = Counters()
@@ -253,7 +256,7 @@ package final class BackupJob: @unchecked Sendable {
         var check: CBTCheck?
         if disk.changedRanges != nil, disk.base != nil, disk.cbtSample > 0 {
             let c = try CBTCheck.run(source: source, plan: plan, chunkSize: chunkSize, fraction: disk.cbtSample,
-                                     codec: repository.makeCodec(), cancel: cancel)
+                                     makeCodec: { [repository] in repository.makeCodec() }, cancel: cancel)
             counters.read.add(c.bytesRead, ordering: .relaxed)
             check = c
             if c.mismatch != nil {

@@ -1,6 +1,7 @@
 import CairnCore
 import Foundation
 import RepositoryFormat
+import Synchronization
 
 /// Trust but verify change tracking (docs/LIVE-BACKUP.md): a random sample of the chunks a
 /// dirty bitmap calls unchanged is read and its id compared with the base snapshot's entry.
@@ -26,33 +27,42 @@ package struct CBTCheck: Sendable, CustomStringConvertible {
 
     /// Samples `fraction` (0...1) of the plan's reused chunks (at least one when there are any).
     package static func run(source: any BlockSource, plan: ReadPlan, chunkSize: Int, fraction: Double,
-                            codec: ObjectCodec, cancel: CancellationToken) throws -> CBTCheck {
+                            makeCodec: @escaping @Sendable () -> ObjectCodec, cancel: CancellationToken) throws -> CBTCheck {
         let reused = plan.known.filter { !$0.id.isZero }
         var check = CBTCheck(unchanged: reused.count, sampled: 0, bytesRead: 0, mismatch: nil)
         guard !reused.isEmpty, fraction > 0 else { return check }
         let want = min(reused.count, max(1, Int((Double(reused.count) * min(fraction, 1)).rounded(.up))))
         var candidates = reused
         if want < candidates.count { candidates.shuffle() }
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
-        defer { buffer.deallocate() }
+        // Candidates are read by a few threads at once (random reads: latency, not bandwidth).
         let cs = UInt64(chunkSize)
-        for (position, id) in candidates {
-            if check.sampled >= want { break }
-            try cancel.check()
-            let offset = UInt64(position) * cs
-            let length = Int(min(cs, source.size - offset))
-            let range = offset..<offset + UInt64(length)
-            guard try source.extents(in: range).allSatisfy({ $0.kind == .data }) else { continue }
-            let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
-            try source.read(into: chunk, at: offset)
-            check.sampled += 1
-            check.bytesRead += UInt64(length)
-            let now = isAllZero(UnsafeRawBufferPointer(chunk)) ? Digest.zero : codec.id(of: UnsafeRawBufferPointer(chunk))
-            if now != id {
-                check.mismatch = (position, offset)
-                break
+        let next = Atomic<Int>(0)
+        let state = Mutex<CBTCheck>(check)
+        let pool = candidates
+        try runWorkers(count: min(8, pool.count), stop: cancel) { _ in
+            let codec = makeCodec()
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
+            defer { buffer.deallocate() }
+            while true {
+                try cancel.check()
+                let done = state.withLock { $0.sampled >= want || $0.mismatch != nil }
+                let k = next.add(1, ordering: .relaxed).oldValue
+                if done || k >= pool.count { break }
+                let (position, id) = pool[k]
+                let offset = UInt64(position) * cs
+                let length = Int(min(cs, source.size - offset))
+                guard try source.extents(in: offset..<offset + UInt64(length)).allSatisfy({ $0.kind == .data }) else { continue }
+                let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
+                try source.read(into: chunk, at: offset)
+                let now = isAllZero(UnsafeRawBufferPointer(chunk)) ? Digest.zero : codec.id(of: UnsafeRawBufferPointer(chunk))
+                state.withLock { c in
+                    c.sampled += 1
+                    c.bytesRead += UInt64(length)
+                    if now != id, c.mismatch == nil || position < c.mismatch!.position { c.mismatch = (position, offset) }
+                }
             }
         }
+        check = state.withLock { $0 }
         return check
     }
 }

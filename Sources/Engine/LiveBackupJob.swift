@@ -90,10 +90,15 @@ package final class LiveBackupJob: @unchecked Sendable {
     }
 
     package func run() throws -> SnapshotEntry {
+        // Listing the stored chunks takes a while in a big repository: it runs while QEMU works.
+        let repository = self.repository
+        let listing = ChunkListing()
+        DispatchQueue.global().async(group: listing.done) { listing.result = Result { try repository.listChunkIDs() } }
         let qmp = try QMPClient.connect(path: request.qmp, timeout: 10, commandTimeout: 60)
         defer { qmp.close() }
         let vm = LiveVM(qmp: qmp)
         for line in try vm.removeLeftovers() { log(line) }
+        Trace.mark("live: QMP connected, leftovers checked")
 
         let disks: [LiveDisk] = request.nodes.isEmpty
             ? try vm.disks()
@@ -109,7 +114,9 @@ package final class LiveBackupJob: @unchecked Sendable {
         let history = try repository.listSnapshots(codec: codec).snapshots
             .filter { $0.manifest.vm == request.vm }
             .sorted { $0.date > $1.date }
+        Trace.mark("live: \(disks.count) disks, \(history.count) earlier snapshots")
         var plans = try disks.map { try plan($0, history: history, vm: vm, codec: codec) }
+        Trace.mark("live: planned (base indexes loaded, bitmaps reconciled)")
         for p in plans {
             log("disk \(p.disk.name) (node \(p.disk.node), \(p.disk.driver)): \(p.mode)\(p.note.map { " - \($0)" } ?? "")")
             if !p.persistent {
@@ -130,8 +137,10 @@ package final class LiveBackupJob: @unchecked Sendable {
         }
 
         try session.prepare()
+        Trace.mark("live: fleecing overlays prepared")
         try cancel.check()
         pointInTime = try takePointInTime(session)
+        Trace.mark("live: point in time taken")
         try cancel.check()
         try session.export()
         log("point in time taken (\(consistency)-consistent); reading over NBD at \(session.socketPath)")
@@ -166,8 +175,13 @@ package final class LiveBackupJob: @unchecked Sendable {
             outcomes.append(LiveDiskOutcome(name: p.disk.name, node: p.disk.node, mode: p.mode, note: plans[i].note,
                                             dirtyBytes: changed.map { $0.reduce(0) { $0 + ($1.upperBound - $1.lowerBound) } }, bytesRequested: 0))
         }
+        Trace.mark("live: exports connected, dirty ranges read")
         let job = BackupJob(repository: repository, vm: request.vm, tags: request.tags, disks: backupDisks, progress: progress,
                             cancel: cancel, workers: workers, toolVersion: toolVersion)
+        job.knownChunks = {
+            listing.done.wait()
+            return try listing.result!.get()
+        }
         job.consistency = consistency
         job.source = "qmp:\(request.qmp)"
         job.vmConfig = vm.configuration(disks: disks)
@@ -319,4 +333,11 @@ package final class LiveBackupJob: @unchecked Sendable {
             throw CairnError(.io, "\(phase) hook `\(command)` exited with status \(p.terminationStatus)", hint: "the backup was not taken; fix the hook or drop --\(phase)-hook")
         }
     }
+}
+
+/// The chunk list being read on another thread: `result` is written once, before `done` is
+/// left, and read only after waiting for `done`.
+private final class ChunkListing: @unchecked Sendable {
+    let done = DispatchGroup()
+    var result: Result<Set<CairnCore.Digest>, any Error>?
 }

@@ -198,18 +198,7 @@ public struct DriveMirror {
         case .raw:
             if ftruncate(fd, off_t(job.size)) != 0 { throw CairnError.errno("ftruncate", errno, path: path) }
         case .qcow2:
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: try Self.findExecutable(qemuImg))
-            p.arguments = ["create", "-q", "-f", "qcow2", path, "\(job.size)"]
-            let err = Pipe()
-            p.standardError = err
-            p.standardOutput = FileHandle.nullDevice
-            try p.run()
-            let message = err.fileHandleForReading.readDataToEndOfFile()
-            p.waitUntilExit()
-            if p.terminationStatus != 0 {
-                throw CairnError(.io, "qemu-img create failed: \(String(decoding: message, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))", path: path)
-            }
+            try Self.createQCOW2(path, size: job.size, qemuImg: qemuImg)
         }
     }
 
@@ -336,6 +325,23 @@ public struct DriveMirror {
             return e
         }
         return CairnError(.io, "migration failed: \(cause); \(detail)", path: client.path)
+    }
+
+    /// `qemu-img create -f qcow2 PATH SIZE` (the file may exist: it is overwritten).
+    static func createQCOW2(_ path: String, size: UInt64, qemuImg: String, hint: String? = nil) throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: try findExecutable(qemuImg))
+        p.arguments = ["create", "-q", "-f", "qcow2", path, "\(size)"]
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        let message = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        if p.terminationStatus != 0 {
+            throw CairnError(.io, "qemu-img create failed: \(String(decoding: message, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))",
+                             path: path, hint: hint)
+        }
     }
 
     static func findExecutable(_ name: String) throws -> String {

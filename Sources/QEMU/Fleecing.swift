@@ -154,18 +154,7 @@ public final class FleecingSession: @unchecked Sendable {
     }
 
     private func createOverlay(_ path: String, size: UInt64) throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: try DriveMirror.findExecutable(qemuImg))
-        p.arguments = ["create", "-q", "-f", "qcow2", path, "\(size)"]
-        let err = Pipe()
-        p.standardError = err
-        p.standardOutput = FileHandle.nullDevice
-        try p.run()
-        let message = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        if p.terminationStatus != 0 {
-            throw CairnError(.io, "qemu-img create of the fleecing overlay failed: \(String(decoding: message, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))",
-                             path: path, hint: "check that the scratch directory is writable and has room (--scratch-dir)")
-        }
+        try DriveMirror.createQCOW2(path, size: size, qemuImg: qemuImg,
+                                   hint: "check that the scratch directory is writable and has room (--scratch-dir)")
     }
 }
