@@ -16,6 +16,7 @@ packages=(
   qemu-system-x86 libnbd-bin          # instant restore: the VM, and nbdinfo/nbdcopy as NBD clients in tests
   syslinux syslinux-common busybox-static   # the small bootable test VM (scripts/make-boot-vm.sh)
   strace                              # the write-order test watches the syscalls of a backup
+  nbdkit qemu-system-common           # live backups: nbdkit and qemu-storage-daemon as NBD/QMP peers in tests
 )
 
 missing=()
