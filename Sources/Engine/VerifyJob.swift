@@ -280,7 +280,7 @@ package final class VerifyJob: @unchecked Sendable {
                     checkType = fs.typeName
                     do {
                         let counts = try Self.walk(fs)
-                        details.append("\(label) (\(fs.typeName)): walked \(counts.directories) directories, \(counts.files) files, \(counts.symlinks) symlinks, \(counts.other) other")
+                        details.append("\(label) (\(fs.typeName)): walked \(counts.summary)")
                     } catch let e as CairnError where e.code == .interrupted {
                         throw e
                     } catch {
@@ -320,6 +320,12 @@ package final class VerifyJob: @unchecked Sendable {
         package var files = 0
         package var symlinks = 0
         package var other = 0
+
+        /// "9 directories, 309 files, 2 symlinks, 0 other".
+        package var summary: String {
+            func n(_ k: Int, _ one: String, _ many: String) -> String { "\(k) \(k == 1 ? one : many)" }
+            return "\(n(directories, "directory", "directories")), \(n(files, "file", "files")), \(n(symlinks, "symlink", "symlinks")), \(other) other"
+        }
     }
 
     /// Lists every directory, reads every node's metadata and every symlink's target; an error
