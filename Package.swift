@@ -71,7 +71,7 @@ let package = Package(
         // Layer 4.
         .target(
             name: "Engine",
-            dependencies: ["CairnCore", "DiskFormats", "GuestFS", "QEMU", "RepositoryFormat", "Storage", "Repository"],
+            dependencies: ["CairnCore", "DiskFormats", "GuestFS", "QEMU", "NBDServer", "RepositoryFormat", "Storage", "Repository"],
             swiftSettings: strict
         ),
         // Layer 5.

@@ -136,7 +136,22 @@ package final class BackupJob: @unchecked Sendable {
         let lock = try repository.lock(exclusive: false, job: "backup \(vm)")
         defer { lock.release() }
 
-        let known = ChunkSet(try knownChunks?() ?? repository.listChunkIDs())
+        // Healing (docs/VERIFY.md): chunks a failed verification found bad are not trusted as
+        // stored, so they are read and stored again, and a change-tracking base that uses one
+        // is not used (its disk is read whole).
+        let bad = try repository.badChunks()
+        let known = ChunkSet(try (knownChunks?() ?? repository.listChunkIDs()).subtracting(bad))
+        let disks = bad.isEmpty ? self.disks : self.disks.map { d in
+            guard let base = d.base, base.entries.contains(where: { bad.contains($0) }) else { return d }
+            var full = d
+            full.base = nil
+            full.changedRanges = nil
+            if full.readMode != nil {
+                full.readMode = "hash-scan"
+                full.readNote = (full.readNote.map { $0 + "; " } ?? "") + "the base snapshot uses a chunk a failed verification found bad: every allocated block read"
+            }
+            return full
+        }
         Trace.mark("backup: locked, \(repository.chunkSize) B chunks, chunk list read")
         let total = disks.reduce(UInt64(0)) { $0 + $1.source.size }
         let counters = Counters()

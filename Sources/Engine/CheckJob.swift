@@ -58,6 +58,10 @@ package struct CheckReport: Sendable, Codable {
     package var unreferencedIndexes: Int
     package var chunksRead: Int
     package var bytesRead: UInt64
+    /// Verification records read (docs/VERIFY.md); those of snapshots that no longer exist
+    /// are counted in `orphanedVerifications` (not an error; gc removes them).
+    package var verifications: Int
+    package var orphanedVerifications: Int
     package var problems: [CheckProblem]
     package var ok: Bool { problems.isEmpty }
 }
@@ -194,10 +198,25 @@ package final class CheckJob: @unchecked Sendable {
             chunksRead = toRead.count
             bytesRead = doneBytes.load(ordering: .relaxed)
         }
+        // Verification records: each must open (authenticated when encrypted) and decode.
+        var verifications = 0, orphanedVerifications = 0
+        let snapshotNames = Set(snapshots.map(\.id.hex)).union(failures.map(\.0))
+        for (name, snapshot) in try repository.verificationNames() {
+            do {
+                _ = try repository.loadVerification(named: name, codec: codec)
+                verifications += 1
+                if !snapshotNames.contains(snapshot.hex) { orphanedVerifications += 1 }
+            } catch let e as CairnError where e.code == .notFound {
+                continue
+            } catch let e as CairnError {
+                problems.append(CheckProblem(kind: "verification", object: name, state: Self.state(of: e), message: e.description,
+                                             affected: ["verification record of snapshot \(snapshot.short)"], snapshots: []))
+            }
+        }
         return CheckReport(snapshots: snapshots.count, indexes: indexes, referencedChunks: referenced.count, storedChunks: stored.count,
                            unreferencedChunks: stored.subtracting(referenced).count,
                            unreferencedIndexes: Set(try repository.store.list("indexes")).subtracting(indexNames).count, chunksRead: chunksRead, bytesRead: bytesRead,
-                           problems: problems)
+                           verifications: verifications, orphanedVerifications: orphanedVerifications, problems: problems)
     }
 }
 
@@ -245,7 +264,7 @@ package struct RepositoryStats: Sendable, Codable {
             storedChunks += try repository.store.size(Repository.chunkKey(id)) ?? 0
         }
         storedAll = storedChunks
-        for ns in ["indexes", "snapshots", "keys"] {
+        for ns in ["indexes", "snapshots", "keys", Repository.verificationNamespace] {
             for name in try repository.store.list(ns) {
                 storedAll += try repository.store.size(ObjectKey(ns, name)) ?? 0
             }

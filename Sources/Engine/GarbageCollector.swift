@@ -16,6 +16,8 @@ package struct GCReport: Sendable, Codable {
     package var deletedIndexes: Int
     /// Snapshots written while the mark ran, read again in the sweep.
     package var snapshotsAddedDuringMark: Int
+    /// Verification records of snapshots that no longer exist.
+    package var deletedVerifications: Int
 }
 
 /// Garbage collection (docs/FORMAT.md, "Garbage collection"): removes chunks and indexes that
@@ -119,9 +121,18 @@ package final class GarbageCollector: @unchecked Sendable {
             if !dryRun { try store.delete(ObjectKey("indexes", name)) }
             deletedIndexes += 1
         }
+        // Verification records whose snapshot is gone (forgotten by an older cairn, or while
+        // a verify was writing one).
+        var deletedVerifications = 0
+        for (name, snapshot) in try repository.verificationNames() where !marks.manifests.contains(snapshot.hex) {
+            try cancel.check()
+            if !dryRun { try store.delete(ObjectKey(Repository.verificationNamespace, name)) }
+            deletedVerifications += 1
+        }
         if !dryRun { try store.barrier() }
         return GCReport(dryRun: dryRun, snapshots: marks.manifests.count, referencedChunks: marks.chunks.count,
                         storedChunks: storedChunks.count, deletedChunks: deletedChunks, deletedBytes: deletedBytes,
-                        referencedIndexes: marks.indexes.count, deletedIndexes: deletedIndexes, snapshotsAddedDuringMark: late)
+                        referencedIndexes: marks.indexes.count, deletedIndexes: deletedIndexes, snapshotsAddedDuringMark: late,
+                        deletedVerifications: deletedVerifications)
     }
 }

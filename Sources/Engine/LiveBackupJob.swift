@@ -115,7 +115,8 @@ package final class LiveBackupJob: @unchecked Sendable {
             .filter { $0.manifest.vm == request.vm }
             .sorted { $0.date > $1.date }
         Trace.mark("live: \(disks.count) disks, \(history.count) earlier snapshots")
-        var plans = try disks.map { try plan($0, history: history, vm: vm, codec: codec) }
+        let failed = try repository.failedSnapshots()
+        var plans = try disks.map { try plan($0, history: history, failed: failed, vm: vm, codec: codec) }
         Trace.mark("live: planned (base indexes loaded, bitmaps reconciled)")
         for p in plans {
             log("disk \(p.disk.name) (node \(p.disk.node), \(p.disk.driver)): \(p.mode)\(p.note.map { " - \($0)" } ?? "")")
@@ -197,9 +198,12 @@ package final class LiveBackupJob: @unchecked Sendable {
     }
 
     /// Decides how a disk is read and reconciles its bitmaps with the last snapshot.
-    private func plan(_ disk: LiveDisk, history: [SnapshotEntry], vm: LiveVM, codec: ObjectCodec) throws -> DiskPlan {
+    private func plan(_ disk: LiveDisk, history: [SnapshotEntry], failed: Set<String>, vm: LiveVM, codec: ObjectCodec) throws -> DiskPlan {
         let ours = disk.bitmaps.filter { generation($0.name) != nil }
-        let base = history.first { $0.manifest.disks.contains { $0.name == disk.name } }
+        let withDisk = history.filter { $0.manifest.disks.contains { $0.name == disk.name } }
+        // A snapshot that failed verification is never a base (docs/VERIFY.md): the next backup heals.
+        let base = withDisk.first { !failed.contains($0.id.hex) }
+        let failedNewest = withDisk.first.flatMap { failed.contains($0.id.hex) ? $0 : nil }
         let baseDisk = base?.manifest.disks.first { $0.name == disk.name }
         let recorded = baseDisk?.cbtBitmap
         let maxGen = max(ours.compactMap { generation($0.name) }.max() ?? 0, baseDisk?.cbtGeneration ?? 0)
@@ -215,6 +219,9 @@ package final class LiveBackupJob: @unchecked Sendable {
             return p
         }
         if request.full { return try untrusted("--full: every allocated block read") }
+        if let failedNewest {
+            return try untrusted("the last snapshot \(failedNewest.id.short) failed verification, so it is not a base: every allocated block read and compared by content")
+        }
         guard let base, let baseDisk else { return try untrusted("first backup of this disk") }
         guard let recorded, let recordedGen = generation(recorded) else {
             return try untrusted("the last snapshot \(base.id.short) has no dirty bitmap of this repository (not a live backup)")

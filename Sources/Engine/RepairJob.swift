@@ -51,7 +51,7 @@ package final class RepairJob: @unchecked Sendable {
         var lost: [String: [String]] = [:]   // snapshot id -> missing object ids
         var unreadable: [String] = []
         for p in report.problems {
-            let namespace = ["chunk": "chunks", "index": "indexes", "snapshot": "snapshots"][p.kind] ?? p.kind
+            let namespace = ["chunk": "chunks", "index": "indexes", "snapshot": "snapshots", "verification": "verifications"][p.kind] ?? p.kind
             if p.state == "unreadable" {
                 // Not evidence of damage: the object is neither moved nor counted as lost.
                 unreadable.append("\(namespace)/\(p.object)")

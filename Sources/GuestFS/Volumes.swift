@@ -135,7 +135,28 @@ package struct DiskLayout: Sendable {
             }
             return v
         }
+        if let (typeName, reason) = lostFileSystem(source) {
+            v.content = .damaged(typeName: typeName, reason: reason)
+            warnings.append("\(name.isEmpty ? "disk" : name): \(reason)")
+        }
         return v
+    }
+
+    /// A file system whose primary signature is gone but whose backup copy remains: an ext
+    /// backup superblock in block group 1, or NTFS's backup boot sector in the volume's last
+    /// sector. Such a volume is damaged, not empty (its checker can often repair it from the
+    /// backup).
+    static func lostFileSystem(_ source: any BlockSource) -> (typeName: String, reason: String)? {
+        if let (offset, typeName) = ExtSuperblock.findBackup(source) {
+            return (typeName, "the primary ext superblock (byte 1024) has no ext2/3/4 magic, but a backup superblock (\(typeName)) is at byte \(offset): the superblock is damaged")
+        }
+        if source.size >= 1024, let raw = try? source.readBytes(at: source.size - 512, count: 512) {
+            var why = ""
+            if NTFSBootSector(CheckedBytes(raw), why: &why) != nil {
+                return ("ntfs", "the NTFS boot sector (byte 0) is not valid, but its backup is in the volume's last sector (byte \(source.size - 512)): the boot sector is damaged")
+            }
+        }
+        return nil
     }
 
     /// Linux swap: "SWAPSPACE2" in the last 10 bytes of the first page (a hibernation image

@@ -58,9 +58,11 @@ extension Repository {
         try store.barrier()
     }
 
-    /// Deletes a snapshot's manifest (its marks go with it). Chunks and indexes stay until gc.
+    /// Deletes a snapshot's manifest (its marks and verification records go with it). Chunks
+    /// and indexes stay until gc.
     package func forgetSnapshot(_ id: CairnCore.Digest) throws {
         try store.delete(ObjectKey("snapshots", id.hex))
         for kind in SnapshotMarkKind.allCases { try store.delete(ObjectKey(kind.rawValue, id.hex)) }
+        try deleteVerifications(of: id)
     }
 }

@@ -22,6 +22,13 @@ package enum Magic {
     package static let minChunkSize = 64 << 10
     package static let maxChunkSize = 8 << 20
     package static let defaultChunkSize = 512 << 10
+
+    /// Verification records (docs/FORMAT.md, "Verification records"): at most this many
+    /// evidence files of at most `maxEvidenceBytes` together, and a record's plaintext (JSON,
+    /// evidence in base64) at most `maxVerificationRecordBytes`.
+    package static let maxEvidenceFiles = 16
+    package static let maxEvidenceBytes = 16 << 20
+    package static let maxVerificationRecordBytes = 24 << 20
 }
 
 /// What an object is. Bound into the authenticated data of every encrypted object, so bytes
@@ -30,12 +37,14 @@ package enum ObjectKind: UInt8, Sendable, CaseIterable {
     case chunk = 1
     case index = 2
     case manifest = 3
+    case verification = 4
 
     package var directory: String {
         switch self {
         case .chunk: "chunks"
         case .index: "indexes"
         case .manifest: "snapshots"
+        case .verification: "verifications"
         }
     }
 }

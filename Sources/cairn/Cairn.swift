@@ -21,7 +21,7 @@ struct Cairn: ParsableCommand {
         12 wrong password, 64 usage, 130 interrupted (see docs/CLI.md).
         """,
         version: "cairn \(cairnVersion)",
-        subcommands: [Init.self, Backup.self, Snapshots.self, Restore.self, Ls.self, Cat.self, RestoreFiles.self, Diff.self, Find.self, Serve.self, InstantRestore.self, Check.self, Stats.self, Prune.self, GC.self, Protect.self, Unprotect.self, Repair.self, ThawWatchdog.self]
+        subcommands: [Init.self, Backup.self, Snapshots.self, Restore.self, Ls.self, Cat.self, RestoreFiles.self, Diff.self, Find.self, Serve.self, InstantRestore.self, Check.self, Verify.self, Stats.self, Prune.self, GC.self, Protect.self, Unprotect.self, Repair.self, ThawWatchdog.self]
     )
 
     static func main() {

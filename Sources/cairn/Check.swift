@@ -38,6 +38,9 @@ struct Check: ParsableCommand {
                 print("\(report.unreferencedChunks) chunks and \(report.unreferencedIndexes) indexes are referenced by no snapshot (not an error; `cairn gc` removes them)")
             }
             if selection != .none { print("read \(report.chunksRead) chunks (\(ByteCount.format(report.bytesRead)))") }
+            if report.verifications > 0 {
+                print("\(report.verifications) verification records\(report.orphanedVerifications > 0 ? ", \(report.orphanedVerifications) of snapshots that no longer exist (not an error; `cairn gc` removes them)" : "")")
+            }
             for p in report.problems {
                 print("error: \(p.state) \(p.kind) \(p.object): \(p.message)")
                 for a in p.affected { print("  used by \(a)") }

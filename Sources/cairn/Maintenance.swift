@@ -65,6 +65,7 @@ struct Prune: ParsableCommand {
 func printGC(_ g: GCReport) {
     let verb = g.dryRun ? "would delete" : "deleted"
     print("\(verb) \(g.deletedChunks) of \(g.storedChunks) chunks (\(ByteCount.format(g.deletedBytes))) and \(g.deletedIndexes) indexes; \(g.snapshots) snapshots keep \(g.referencedChunks) chunks")
+    if g.deletedVerifications > 0 { print("\(verb) \(g.deletedVerifications) verification records of snapshots that no longer exist") }
 }
 
 struct GC: ParsableCommand {

@@ -195,6 +195,22 @@ final class StorageDaemon: @unchecked Sendable {
         #expect((ld["note"] as? String ?? "").contains("missed a write"), "\(ld)")
         try expectRestoreEquals(env, try #require(lied["id"] as? String), qsd.writeURI)
 
+        // 2b. The newest snapshot fails verification (every stored chunk damaged): it is not the
+        // base of the next backup, which reads everything, stores the chunks again and verifies.
+        for rel in env.repoFiles("chunks") {
+            let path = env.file("repo/chunks/\(rel)")
+            var bytes = try readFile(path)
+            bytes[bytes.count - 1] ^= 0xFF
+            try FileManager.default.removeItem(atPath: path)
+            try Data(bytes).write(to: URL(fileURLWithPath: path))
+        }
+        try env.expect(3, ["verify", "latest", "--vm", "qsd"])
+        let healing = disk0(try backup(env, qsd))
+        #expect(healing["read_mode"] as? String == "hash-scan", "\(healing)")
+        #expect((healing["note"] as? String ?? "").contains("failed verification"), "\(healing)")
+        try env.expect(0, ["verify", "latest", "--vm", "qsd"])
+        try expectRestoreEquals(env, "latest", qsd.writeURI)
+
         // 3. A persistent bitmap survives a clean restart: CBT goes on.
         qsd.quit()
         qsd = try StorageDaemon(env, disk: disk, format: "qcow2", tag: "qsd2")

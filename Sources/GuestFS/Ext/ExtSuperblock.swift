@@ -154,6 +154,27 @@ struct ExtSuperblock: Sendable {
         return true
     }
 
+    /// Where a backup superblock of a file system made with mke2fs's default geometry lies when
+    /// the primary one is gone: block group 1 starts at block `8 * blockSize + firstDataBlock`
+    /// for every block size, and its copy records group number 1 (`s_block_group_nr`, 0x5A).
+    /// Returns the byte offset of the first backup found and the type it describes, or nil.
+    static func findBackup(_ volume: any BlockSource) -> (offset: UInt64, typeName: String)? {
+        for log in 0...6 {
+            let blockSize = UInt64(1024) << UInt64(log)
+            let blocksPerGroup = 8 * blockSize
+            let offset = (blocksPerGroup + (blockSize == 1024 ? 1 : 0)) * blockSize
+            guard offset + UInt64(Ext.superblockSize) <= volume.size,
+                  let raw = try? volume.readBytes(at: offset, count: Ext.superblockSize) else { continue }
+            let b = CheckedBytes(raw)
+            guard b.u16(at: 0x38) == Ext.magic, b.u32(at: 0x18) == UInt32(log), b.u32(at: 0x20) == UInt32(blocksPerGroup),
+                  b.u16(at: 0x5A) == 1 else { continue }
+            let window = MemoryBlockSource([UInt8](repeating: 0, count: 1024) + raw, zeroPaddedTo: volume.size)
+            let typeName = (try? ExtSuperblock(volume: window).typeName) ?? "ext"
+            return (offset, typeName)
+        }
+        return nil
+    }
+
     /// Parses and checks the superblock of `volume`.
     init(volume: any BlockSource) throws {
         let name = volume.name
