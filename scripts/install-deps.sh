@@ -17,6 +17,7 @@ packages=(
   syslinux syslinux-common busybox-static   # the small bootable test VM (scripts/make-boot-vm.sh)
   strace                              # the write-order test watches the syscalls of a backup
   nbdkit qemu-system-common           # live backups: nbdkit and qemu-storage-daemon as NBD/QMP peers in tests
+  fuse3                               # fusermount3: cairn verify maps NBD exports to files with nbdfuse
 )
 
 missing=()
