@@ -71,7 +71,7 @@ let package = Package(
         // Layer 4.
         .target(
             name: "Engine",
-            dependencies: ["CairnCore", "DiskFormats", "GuestFS", "RepositoryFormat", "Storage", "Repository"],
+            dependencies: ["CairnCore", "DiskFormats", "GuestFS", "RepositoryFormat", "Storage", "Repository", "NBDServer", "QEMU"],
             swiftSettings: strict
         ),
         // Layer 5.
