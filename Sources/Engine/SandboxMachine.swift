@@ -184,8 +184,15 @@ final class SandboxMachine {
         }
         defer { try? err.close() }
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.arguments = args
+        // Through setpriv (util-linux) when there is one: QEMU gets SIGKILL when this thread
+        // dies, so a killed Cairn leaves no VM behind.
+        if let setpriv = try? findExecutable("setpriv") {
+            p.executableURL = URL(fileURLWithPath: setpriv)
+            p.arguments = ["--pdeathsig", "KILL", "--", path] + args
+        } else {
+            p.executableURL = URL(fileURLWithPath: path)
+            p.arguments = args
+        }
         p.standardInput = FileHandle.nullDevice
         p.standardOutput = FileHandle.nullDevice
         p.standardError = err
