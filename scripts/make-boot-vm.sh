@@ -67,7 +67,8 @@ arg() { sed -n "s/.*[[:space:]]$1=\([^[:space:]]*\).*/\1/p" /proc/cmdline; }
 # cairn.net=PORT [cairn.hostip=IP]: brings up eth0 by DHCP, tries TCP to the user-net gateway
 # 10.0.2.2:PORT and IP:PORT, prints CAIRN-NET-REACHED or CAIRN-NET-BLOCKED for each (or
 # CAIRN-NET-NO-NIC), then the heartbeat, then stays up. cairn.listen=PORT: answers every TCP
-# connection on PORT with the line CAIRN-GUEST-BANNER (stays up too).
+# connection on PORT with the line CAIRN-GUEST-BANNER and accepts connections on PORT+1
+# without sending anything (stays up too).
 netport=$(arg cairn.net)
 listenport=$(arg cairn.listen)
 if [ -n "$netport" ] || [ -n "$listenport" ]; then
@@ -87,8 +88,10 @@ if [ -n "$netport" ] || [ -n "$listenport" ]; then
         echo "CAIRN-NET-ADDRESS $(ip -4 -o addr show eth0 | awk '{print $4}')" >/dev/ttyS0
         if [ -n "$listenport" ]; then
             printf '#!/bin/sh\necho CAIRN-GUEST-BANNER\n' >/tmp/banner.sh
-            chmod +x /tmp/banner.sh
+            printf '#!/bin/sh\nexec sleep 3600\n' >/tmp/silent.sh
+            chmod +x /tmp/banner.sh /tmp/silent.sh
             nc -ll -p "$listenport" -e /tmp/banner.sh >/dev/null 2>&1 &
+            nc -ll -p "$((listenport + 1))" -e /tmp/silent.sh >/dev/null 2>&1 &
         fi
         if [ -n "$netport" ]; then
             for target in 10.0.2.2 $(arg cairn.hostip); do

@@ -151,7 +151,11 @@ package final class Sandbox {
                 notes.append(note)
                 continue
             }
-            return finish(machine, waited: waited, accel: accel, notes: notes, cancel: cancel, kept: kept)
+            let outcome = finish(machine, waited: waited, accel: accel, notes: notes, cancel: cancel, kept: kept)
+            if kept == nil && cancel.isCancelled {
+                throw CairnError(.interrupted, "interrupted while checking snapshot \(snapshot.id.short)")
+            }
+            return outcome
         }
         // Not reached: the last attempt always returns.
         throw CairnError(.io, "no accelerator to boot with")

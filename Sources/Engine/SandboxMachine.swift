@@ -116,12 +116,14 @@ final class SandboxMachine {
         }
         // A free host port can be taken by someone else before QEMU binds it: then QEMU exits
         // at once ("Could not set up host forwarding rule") and we try other ports.
+        // A QEMU built without seccomp refuses -sandbox: then it runs without.
         var tries = 0
+        var seccomp = true
         while true {
             tries += 1
             var hostPorts: [Int: Int] = [:]
             for p in plan.guestPorts { hostPorts[p] = try freeLoopbackPort() }
-            let args = arguments(plan: plan, accel: accel, paths: paths, exports: exports, hostPorts: hostPorts)
+            let args = arguments(plan: plan, accel: accel, paths: paths, exports: exports, hostPorts: hostPorts, seccomp: seccomp)
             let process: Process
             do {
                 process = try launch(plan.qemuPath, args, stderrPath: paths.stderr)
@@ -132,10 +134,19 @@ final class SandboxMachine {
             }
             let started = Date()
             let qmp = connectMonitor(process, path: paths.qmp)
-            if !process.isRunning, tries < 3, !hostPorts.isEmpty, readStderr(paths.stderr).contains("host forwarding") {
-                process.waitUntilExit()
-                qmp?.close()
-                continue
+            if !process.isRunning, tries < 4 {
+                let stderr = readStderr(paths.stderr)
+                let portTaken = !hostPorts.isEmpty && stderr.contains("host forwarding")
+                let noSeccomp = seccomp && stderr.contains("seccomp")
+                if portTaken || noSeccomp {
+                    if noSeccomp {
+                        seccomp = false
+                        plan.options.log?("this QEMU has no seccomp support: running it without -sandbox")
+                    }
+                    process.waitUntilExit()
+                    qmp?.close()
+                    continue
+                }
             }
             return SandboxMachine(plan: plan, accel: accel, work: work, exports: exports, server: server, process: process,
                                   qmp: qmp, hostPorts: hostPorts, paths: paths, started: started)
@@ -143,15 +154,17 @@ final class SandboxMachine {
     }
 
     /// QEMU's command line.
-    static func arguments(plan: SandboxPlan, accel: String, paths: Paths, exports: ExportSet, hostPorts: [Int: Int]) -> [String] {
+    static func arguments(plan: SandboxPlan, accel: String, paths: Paths, exports: ExportSet, hostPorts: [Int: Int], seccomp: Bool) -> [String] {
         let o = plan.options
         var args = ["-name", "cairn-sandbox-\(plan.snapshot.id.short)",
                     "-accel", accel, "-cpu", accel == "kvm" ? "host" : "max",
                     "-machine", "q35", "-m", "\(o.memoryMiB)",
-                    "-nodefaults", "-no-user-config", "-no-shutdown",
-                    // QEMU's own seccomp sandbox: no new processes, no privilege changes.
-                    "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-                    "-display", "none", "-device", "VGA",
+                    "-nodefaults", "-no-user-config", "-no-shutdown"]
+        if seccomp {
+            // QEMU's own seccomp filter: no new processes, no privilege changes.
+            args += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        }
+        args += ["-display", "none", "-device", "VGA",
                     "-chardev", "file,id=serial0,path=\(escape(paths.serial))", "-serial", "chardev:serial0",
                     "-chardev", "socket,id=qmp0,path=\(escape(paths.qmp)),server=on,wait=off", "-mon", "chardev=qmp0,mode=control"]
         switch o.network {

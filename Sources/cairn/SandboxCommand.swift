@@ -131,6 +131,7 @@ struct SandboxCommand: ParsableCommand {
         try saveEvidence(outcome)
         report(outcome, kept: keep)
         if keep {
+            if !outcome.passed && cancel.isCancelled { throw CairnError(.interrupted, "interrupted before snapshot \(snap.id.short) came up") }
             if !outcome.passed { throw CairnError(.io, "snapshot \(snap.id.short) did not come up: \(outcome.reason)") }
         } else if !outcome.passed {
             throw ExitCode(ExitStatus.corruption.rawValue)

@@ -371,9 +371,15 @@ struct SandboxTests {
         #expect(result2["host_port"] != nil, "\(result2)")
         try agent.expectTornDown(wd2)
 
-        // Port 23 is closed in the guest: QEMU accepts on the host side, but that is no answer.
+        // Port 23 accepts but never speaks: the guest side of the connection is ESTABLISHED.
+        let wd5 = agent.workDir()
+        let (r5, result5) = try agent.check(["--accel", "tcg", "--memory", "256", "--heartbeat-port", "23", "--timeout", "40"], workDir: wd5)
+        #expect(r5.status == 0 && result5["passed"] as? Bool == true, "a silent service answers too: \(r5)")
+        try agent.expectTornDown(wd5)
+
+        // Port 24 is closed in the guest: QEMU accepts on the host side, but that is no answer.
         let wd3 = agent.workDir()
-        let (r3, result3) = try agent.check(["--accel", "tcg", "--memory", "256", "--heartbeat-port", "23", "--timeout", "12"], workDir: wd3)
+        let (r3, result3) = try agent.check(["--accel", "tcg", "--memory", "256", "--heartbeat-port", "24", "--timeout", "12"], workDir: wd3)
         #expect(r3.status == 3 && result3["passed"] as? Bool == false, "\(r3)")
         #expect((result3["reason"] as? String ?? "").contains("no heartbeat within 12 s"), "\(result3)")
         try agent.expectTornDown(wd3)
