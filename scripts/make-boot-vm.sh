@@ -88,7 +88,8 @@ copy_module() {
 mkdir -p initrd/bin initrd/dev initrd/proc initrd/sys initrd/lib/modules
 cp /bin/busybox initrd/bin/busybox
 for m in drivers/virtio/virtio.ko drivers/virtio/virtio_ring.ko drivers/virtio/virtio_pci_modern_dev.ko \
-         drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko; do
+         drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko \
+         net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko drivers/char/virtio_console.ko; do
     copy_module initrd/lib/modules "$m"
 done
 
@@ -126,6 +127,83 @@ mount -t devtmpfs dev /dev
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
     [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko 2>/dev/null
 done
+# Sandbox test switches (Tests/CLITests/SandboxTests.swift).
+# cairn.hang: never prints the heartbeat; sleeps forever.
+if grep -qw cairn.hang /proc/cmdline; then
+    echo "CAIRN-HANGING" >/dev/ttyS0
+    while true; do sleep 3600; done
+fi
+arg() { sed -n "s/.*[[:space:]]$1=\([^[:space:]]*\).*/\1/p" /proc/cmdline; }
+# cairn.net=PORT [cairn.hostip=IP]: brings up eth0 by DHCP, tries TCP to the user-net gateway
+# 10.0.2.2:PORT and IP:PORT, prints CAIRN-NET-REACHED or CAIRN-NET-BLOCKED for each (or
+# CAIRN-NET-NO-NIC), then the heartbeat, then stays up. cairn.listen=PORT: answers every TCP
+# connection on PORT with the line CAIRN-GUEST-BANNER and accepts connections on PORT+1
+# without sending anything (stays up too).
+netport=$(arg cairn.net)
+listenport=$(arg cairn.listen)
+if [ -n "$netport" ] || [ -n "$listenport" ]; then
+    for m in failover net_failover virtio_net; do
+        [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko 2>/dev/null
+    done
+    i=0
+    while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 30 ]; do sleep 0.1; i=$((i + 1)); done
+    echo "CAIRN-NET-INTERFACES $(ls /sys/class/net | tr '\n' ' ')" >/dev/ttyS0
+    if [ -e /sys/class/net/eth0 ]; then
+        ip link set lo up
+        ip link set eth0 up
+        mkdir -p /tmp
+        printf '#!/bin/sh\n[ "$1" = bound ] || [ "$1" = renew ] || exit 0\nifconfig "$interface" "$ip" netmask "$subnet"\n[ -n "$router" ] && route add default gw "$router"\nexit 0\n' >/tmp/dhcp.sh
+        chmod +x /tmp/dhcp.sh
+        udhcpc -i eth0 -n -q -t 10 -T 1 -s /tmp/dhcp.sh >/dev/null 2>&1
+        echo "CAIRN-NET-ADDRESS $(ip -4 -o addr show eth0 | awk '{print $4}')" >/dev/ttyS0
+        if [ -n "$listenport" ]; then
+            printf '#!/bin/sh\necho CAIRN-GUEST-BANNER\n' >/tmp/banner.sh
+            printf '#!/bin/sh\nexec sleep 3600\n' >/tmp/silent.sh
+            chmod +x /tmp/banner.sh /tmp/silent.sh
+            nc -ll -p "$listenport" -e /tmp/banner.sh >/dev/null 2>&1 &
+            nc -ll -p "$((listenport + 1))" -e /tmp/silent.sh >/dev/null 2>&1 &
+        fi
+        if [ -n "$netport" ]; then
+            for target in 10.0.2.2 $(arg cairn.hostip); do
+                if nc -w 3 "$target" "$netport" -e /bin/true >/dev/null 2>&1; then
+                    echo "CAIRN-NET-REACHED $target:$netport" >/dev/ttyS0
+                else
+                    echo "CAIRN-NET-BLOCKED $target:$netport" >/dev/ttyS0
+                fi
+            done
+        fi
+    else
+        echo "CAIRN-NET-NO-NIC" >/dev/ttyS0
+    fi
+fi
+# cairn.fakeagent: a minimal stand-in for qemu-ga on the org.qemu.guest_agent.0 port that
+# answers guest-sync-delimited and guest-ping (stays up).
+if grep -qw cairn.fakeagent /proc/cmdline; then
+    insmod /lib/modules/virtio_console.ko 2>/dev/null
+    (
+        port=
+        while [ -z "$port" ]; do
+            for p in /sys/class/virtio-ports/*; do
+                [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}
+            done
+            [ -n "$port" ] && [ -c "$port" ] || { port=; sleep 0.2; }
+        done
+        exec 3<>"$port"
+        while true; do
+            while IFS= read -r line <&3; do
+                id=$(echo "$line" | sed -n 's/.*"id": *\([0-9]*\).*/\1/p')
+                case $line in
+                    *guest-sync-delimited*) printf '\377{"return": %s}\n' "$id" >&3 ;;
+                    *guest-sync*) printf '{"return": %s}\n' "$id" >&3 ;;
+                    *guest-ping*) printf '{"return": {}}\n' >&3 ;;
+                    *'"execute"'*) printf '{"error": {"class": "CommandNotFound", "desc": "fake agent"}}\n' >&3 ;;
+                esac
+            done
+            sleep 0.2
+        done
+    ) &
+    echo "CAIRN-FAKE-AGENT" >/dev/ttyS0
+fi
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 echo "CAIRN-HEARTBEAT" >/dev/ttyS0
@@ -146,6 +224,10 @@ if grep -qw cairn.stay /proc/cmdline; then
         echo "CAIRN-TICK $n" >/dev/ttyS0
         sleep 1
     done
+fi
+if [ -n "$netport" ] || [ -n "$listenport" ] || grep -qw cairn.fakeagent /proc/cmdline; then
+    echo "CAIRN-STAYING" >/dev/ttyS0
+    while true; do sleep 3600; done
 fi
 poweroff -f
 INIT

@@ -111,6 +111,11 @@ public final class RunningCLI: @unchecked Sendable {
     public var isRunning: Bool { process.isRunning }
     public var elapsed: Double { Date().timeIntervalSince(started) }
 
+    /// What the process has written to standard output so far (it keeps running).
+    public var stdoutSoFar: String {
+        String(decoding: FileManager.default.contents(atPath: stdoutPath) ?? Data(), as: UTF8.self)
+    }
+
     /// What the process has written to standard error so far (it keeps running).
     public var stderrSoFar: String {
         String(decoding: FileManager.default.contents(atPath: stderrPath) ?? Data(), as: UTF8.self)

@@ -21,7 +21,7 @@ struct Cairn: ParsableCommand {
         12 wrong password, 64 usage, 130 interrupted (see docs/CLI.md).
         """,
         version: "cairn \(cairnVersion)",
-        subcommands: [Init.self, Backup.self, Snapshots.self, Restore.self, Ls.self, Cat.self, RestoreFiles.self, Diff.self, Find.self, Serve.self, InstantRestore.self, Check.self, Verify.self, Stats.self, Prune.self, GC.self, Protect.self, Unprotect.self, Repair.self, ThawWatchdog.self]
+        subcommands: [Init.self, Backup.self, Snapshots.self, Restore.self, Ls.self, Cat.self, RestoreFiles.self, Diff.self, Find.self, Serve.self, InstantRestore.self, SandboxCommand.self, Check.self, Verify.self, Stats.self, Prune.self, GC.self, Protect.self, Unprotect.self, Repair.self, ThawWatchdog.self]
     )
 
     static func main() {
@@ -114,14 +114,15 @@ func parseWaitDuration(_ text: String) throws -> TimeInterval {
     return total
 }
 
-/// Installs SIGINT/SIGTERM handlers that cancel the job; a second signal exits at once.
-func installSignalHandlers(_ token: CancellationToken) -> [any DispatchSourceSignal] {
+/// Installs SIGINT/SIGTERM handlers that cancel the job; a second signal exits at once unless
+/// `exitOnRepeat` is false (a job that must clean up, like a running sandbox VM).
+func installSignalHandlers(_ token: CancellationToken, exitOnRepeat: Bool = true) -> [any DispatchSourceSignal] {
     var sources: [any DispatchSourceSignal] = []
     for sig in [SIGINT, SIGTERM] {
         signal(sig, SIG_IGN)
         let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
         s.setEventHandler {
-            if token.isCancelled { Foundation.exit(ExitStatus.interrupted.rawValue) }
+            if token.isCancelled && exitOnRepeat { Foundation.exit(ExitStatus.interrupted.rawValue) }
             token.cancel()
         }
         s.resume()

@@ -9,48 +9,6 @@ import Repository
 import Glibc
 #endif
 
-/// The exports of one or more snapshots: every disk, read from the repository, optionally
-/// writable through a copy-on-write overlay (docs/OVERLAY.md).
-struct ExportSet {
-    var exports: [NBDExport] = []
-    var overlays: [CopyOnWriteOverlay] = []
-    var descriptions: [(name: String, snapshot: SnapshotEntry, disk: String, size: UInt64, overlay: String?)] = []
-
-    /// Export names are `<short snapshot id>-<disk>`.
-    static func make(repository: Repository, snapshots: [SnapshotEntry], writable: Bool, overlayDirectory: String?) throws -> ExportSet {
-        var set = ExportSet()
-        for snap in snapshots {
-            for disk in snap.manifest.disks {
-                let name = "\(snap.id.short)-\(disk.name)"
-                let source = try SnapshotDiskSource(repository: repository, snapshot: snap, disk: disk, cacheChunks: 128)
-                var overlayPath: String?
-                var device: CopyOnWriteOverlay?
-                if writable {
-                    guard let dir = overlayDirectory else { throw CairnError(.usage, "writable exports need an overlay directory") }
-                    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-                    let path = (dir as NSString).appendingPathComponent("\(name).overlay")
-                    let identity = "\(snap.id.hex):\(disk.name)"
-                    device = FileManager.default.fileExists(atPath: path)
-                        ? try CopyOnWriteOverlay.open(path: path, base: source, identity: identity)
-                        : try CopyOnWriteOverlay.create(path: path, base: source, identity: identity)
-                    overlayPath = path
-                }
-                if let device { set.overlays.append(device) }
-                set.exports.append(NBDExport(name: name, description: "\(snap.manifest.vm) \(snap.manifest.time) disk \(disk.name)",
-                                             source: source, writable: device))
-                set.descriptions.append((name, snap, disk.name, disk.virtualSize, overlayPath))
-            }
-        }
-        return set
-    }
-
-    func closeOverlays() {
-        for o in overlays {
-            do { try o.close() } catch { printError("cairn: warning: overlay \(o.path) could not be flushed: \(error)") }
-        }
-    }
-}
-
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve",
@@ -95,7 +53,7 @@ struct Serve: ParsableCommand {
         let codec = repo.makeCodec()
         let snaps = try snapshots.map { try repo.resolveSnapshot($0, vm: vm, codec: codec) }
         let set = try ExportSet.make(repository: repo, snapshots: snaps, writable: writable, overlayDirectory: overlayDir)
-        defer { set.closeOverlays() }
+        defer { set.closeOverlays().forEach { printError("cairn: warning: \($0)") } }
         let server = NBDServer(exports: set.exports)
         defer { server.shutdown() }
         var uris: [String] = []
@@ -233,9 +191,9 @@ struct InstantRestore: ParsableCommand {
         let set = try ExportSet.make(repository: repo, snapshots: [snap], writable: true, overlayDirectory: overlayDir)
         var discarded = false
         defer {
-            set.closeOverlays()
+            set.closeOverlays().forEach { printError("cairn: warning: \($0)") }
             if discardOverlay && !discarded {
-                for d in set.descriptions { if let p = d.overlay { unlink(p) } }
+                set.removeOverlays()
                 discarded = true
             }
         }
@@ -248,7 +206,7 @@ struct InstantRestore: ParsableCommand {
         }
         try server.listen(unixSocket: socket)
 
-        let accelerator = accel ?? (kvmUsable() ? "kvm" : "tcg")
+        let accelerator = accel ?? (SandboxHost.kvmUsable() ? "kvm" : "tcg")
         guard ["kvm", "tcg"].contains(accelerator) else { throw CairnError(.usage, "--accel must be kvm or tcg") }
         let serialLog = (overlayDir as NSString).appendingPathComponent("\(snap.id.short).serial.log")
         let qmp = (overlayDir as NSString).appendingPathComponent("\(snap.id.short).qmp.sock")
@@ -278,7 +236,7 @@ struct InstantRestore: ParsableCommand {
                 // Nothing reads the export any more: close it and flush the overlays.
                 server.shutdown()
                 unlink(socket)
-                set.closeOverlays()
+                set.closeOverlays().forEach { printError("cairn: warning: \($0)") }
                 printError("cairn: migration done: the VM runs from \(targets.joined(separator: ", ")); the NBD export is closed" +
                            (discardOverlay ? "" : "; overlays kept in \(overlayDir)"))
             } catch {
@@ -325,22 +283,4 @@ struct InstantRestore: ParsableCommand {
             printError("cairn: warning: \(o.disk.label) still has its NBD node \(o.disk.node) attached; closing the export anyway")
         }
     }
-
-    /// Whether KVM can be used: /dev/kvm opens read-write.
-    private func kvmUsable() -> Bool {
-        let fd = open("/dev/kvm", O_RDWR | O_CLOEXEC)
-        guard fd >= 0 else { return false }
-        close(fd)
-        return true
-    }
-}
-
-/// `name` if it is a path, else the first match on $PATH.
-func findExecutable(_ name: String) throws -> String {
-    if name.contains("/") { return name }
-    for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":") {
-        let p = "\(dir)/\(name)"
-        if access(p, X_OK) == 0 { return p }
-    }
-    throw CairnError(.notFound, "\(name) is not installed", hint: "install the Debian package qemu-system-x86")
 }
