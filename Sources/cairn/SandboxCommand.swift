@@ -36,33 +36,7 @@ struct SandboxCommand: ParsableCommand {
     @Flag(help: "Keep the VM running after the heartbeat until interrupted.")
     var keep = false
 
-    @Option(help: ArgumentHelp("Forward this guest TCP port to a free port on 127.0.0.1 (needs --network user, the default with it).", valueName: "port"))
-    var forward: Int?
-
-    @Option(help: ArgumentHelp("none (no network device) or user (user-mode network, restricted: no route to the host or the LAN).",
-                               valueName: "none|user"))
-    var network: String?
-
-    @Option(help: "auto (kvm when usable, falling back to tcg), kvm or tcg.")
-    var accel = "auto"
-
-    @Option(help: "Guest memory in MiB.")
-    var memory = 512
-
-    @Option(help: ArgumentHelp("Heartbeat: this text on the serial console (default 'login:').", valueName: "text"))
-    var heartbeatSerial: String?
-
-    @Flag(help: "Heartbeat: the QEMU guest agent answers guest-ping.")
-    var heartbeatAgent = false
-
-    @Option(help: ArgumentHelp("Heartbeat: this guest TCP port answers (forwarded; needs --network user, the default with it).", valueName: "port"))
-    var heartbeatPort: Int?
-
-    @Option(help: "How long to wait for the heartbeat (e.g. 90, 2m); also the limit of each test script.")
-    var timeout = "120"
-
-    @Option(name: .customLong("test-script"), help: ArgumentHelp("A shell command run after the heartbeat (repeatable); environment CAIRN_SANDBOX_HOST, CAIRN_SANDBOX_PORT, CAIRN_SNAPSHOT; non-zero exit fails the check.", valueName: "command"))
-    var testScripts: [String] = []
+    @OptionGroup(title: "Sandbox") var boot: SandboxBootOptions
 
     @Option(help: ArgumentHelp("Write the evidence (screenshot.png, serial.log) into this directory.", valueName: "dir"))
     var evidence: String?
@@ -74,36 +48,7 @@ struct SandboxCommand: ParsableCommand {
     var qemu = "qemu-system-x86_64"
 
     func validate() throws {
-        let heartbeats = (heartbeatSerial != nil ? 1 : 0) + (heartbeatAgent ? 1 : 0) + (heartbeatPort != nil ? 1 : 0)
-        if heartbeats > 1 { throw ValidationError("give one of --heartbeat-serial, --heartbeat-agent, --heartbeat-port") }
-        if let network, SandboxNetwork(rawValue: network) == nil { throw ValidationError("--network must be none or user") }
-        if network == "none" && (forward != nil || heartbeatPort != nil) {
-            throw ValidationError("--forward and --heartbeat-port need --network user")
-        }
-        for p in [forward, heartbeatPort].compactMap({ $0 }) where !(1...65535).contains(p) {
-            throw ValidationError("port \(p) is not a TCP port number")
-        }
-        if !["auto", "kvm", "tcg"].contains(accel) { throw ValidationError("--accel must be auto, kvm or tcg") }
-        if memory < 16 { throw ValidationError("--memory must be at least 16 (MiB)") }
-        if keep && !testScripts.isEmpty { throw ValidationError("--test-script runs only in a boot check (without --keep)") }
-    }
-
-    func sandboxOptions(workDir: String) throws -> SandboxOptions {
-        var o = SandboxOptions(workDir: workDir)
-        o.accel = accel
-        o.memoryMiB = memory
-        o.forwardPort = forward
-        o.network = network.flatMap { SandboxNetwork(rawValue: $0) } ?? (forward != nil || heartbeatPort != nil ? .user : .none)
-        if let heartbeatSerial { o.heartbeat = .serial(heartbeatSerial) }
-        if heartbeatAgent { o.heartbeat = .agent }
-        if let heartbeatPort { o.heartbeat = .tcp(port: heartbeatPort) }
-        o.timeout = try parseWaitDuration(timeout)
-        guard o.timeout > 0 else { throw CairnError(.usage, "--timeout must be positive") }
-        o.testScripts = testScripts
-        o.qemu = qemu
-        let quiet = options.quiet || options.json
-        o.log = { line in if !quiet { printError("cairn: \(line)") } }
-        return o
+        if keep && !boot.testScripts.isEmpty { throw ValidationError("--test-script runs only in a boot check (without --keep)") }
     }
 
     func run() throws {
@@ -113,7 +58,8 @@ struct SandboxCommand: ParsableCommand {
         defer { lock.release() }
         let snap = try repo.resolveSnapshot(snapshot, vm: vm, codec: repo.makeCodec())
         let dir = workDir ?? (NSTemporaryDirectory() as NSString).appendingPathComponent("cairn-sandbox-\(snap.id.short)-\(UUID().uuidString.prefix(8))")
-        let opts = try sandboxOptions(workDir: dir)
+        var opts = try boot.sandboxOptions(workDir: dir, quiet: options.quiet || options.json)
+        opts.qemu = qemu
         let sandbox = Sandbox(repository: repo, snapshot: snap, options: opts)
         let cancel = CancellationToken()
         // Every signal only cancels: the VM must be torn down before we exit.
@@ -184,5 +130,66 @@ struct SandboxCommand: ParsableCommand {
                 throw CairnError(.io, "cannot write the screenshot", path: path)
             }
         }
+    }
+}
+
+/// The options of a sandbox boot, shared by `cairn sandbox` and `cairn verify --level boot`.
+struct SandboxBootOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("Forward this guest TCP port to a free port on 127.0.0.1 (needs --network user, the default with it).", valueName: "port"))
+    var forward: Int?
+
+    @Option(help: ArgumentHelp("none (no network device) or user (user-mode network, restricted: no route to the host or the LAN).",
+                               valueName: "none|user"))
+    var network: String?
+
+    @Option(help: "auto (kvm when usable, falling back to tcg), kvm or tcg.")
+    var accel = "auto"
+
+    @Option(help: "Guest memory in MiB.")
+    var memory = 512
+
+    @Option(help: ArgumentHelp("Heartbeat: this text on the serial console (default 'login:').", valueName: "text"))
+    var heartbeatSerial: String?
+
+    @Flag(help: "Heartbeat: the QEMU guest agent answers guest-ping.")
+    var heartbeatAgent = false
+
+    @Option(help: ArgumentHelp("Heartbeat: this guest TCP port answers (forwarded; needs --network user, the default with it).", valueName: "port"))
+    var heartbeatPort: Int?
+
+    @Option(name: .customLong("boot-timeout"), help: "How long to wait for the heartbeat (e.g. 90, 2m); also the limit of each test script.")
+    var timeout = "120"
+
+    @Option(name: .customLong("test-script"), help: ArgumentHelp("A shell command run after the heartbeat (repeatable); environment CAIRN_SANDBOX_HOST, CAIRN_SANDBOX_PORT, CAIRN_SNAPSHOT; non-zero exit fails the check.", valueName: "command"))
+    var testScripts: [String] = []
+
+    func validate() throws {
+        let heartbeats = (heartbeatSerial != nil ? 1 : 0) + (heartbeatAgent ? 1 : 0) + (heartbeatPort != nil ? 1 : 0)
+        if heartbeats > 1 { throw ValidationError("give one of --heartbeat-serial, --heartbeat-agent, --heartbeat-port") }
+        if let network, SandboxNetwork(rawValue: network) == nil { throw ValidationError("--network must be none or user") }
+        if network == "none" && (forward != nil || heartbeatPort != nil) {
+            throw ValidationError("--forward and --heartbeat-port need --network user")
+        }
+        for p in [forward, heartbeatPort].compactMap({ $0 }) where !(1...65535).contains(p) {
+            throw ValidationError("port \(p) is not a TCP port number")
+        }
+        if !["auto", "kvm", "tcg"].contains(accel) { throw ValidationError("--accel must be auto, kvm or tcg") }
+        if memory < 16 { throw ValidationError("--memory must be at least 16 (MiB)") }
+    }
+
+    func sandboxOptions(workDir: String, quiet: Bool) throws -> SandboxOptions {
+        var o = SandboxOptions(workDir: workDir)
+        o.accel = accel
+        o.memoryMiB = memory
+        o.forwardPort = forward
+        o.network = network.flatMap { SandboxNetwork(rawValue: $0) } ?? (forward != nil || heartbeatPort != nil ? .user : .none)
+        if let heartbeatSerial { o.heartbeat = .serial(heartbeatSerial) }
+        if heartbeatAgent { o.heartbeat = .agent }
+        if let heartbeatPort { o.heartbeat = .tcp(port: heartbeatPort) }
+        o.timeout = try parseWaitDuration(timeout)
+        guard o.timeout > 0 else { throw CairnError(.usage, "--boot-timeout must be positive") }
+        o.testScripts = testScripts
+        o.log = { line in if !quiet { printError("cairn: \(line)") } }
+        return o
     }
 }

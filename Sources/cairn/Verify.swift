@@ -8,10 +8,20 @@ import RepositoryFormat
 import Glibc
 #endif
 
-/// The boot level's sandbox: nil until it is wired in (then `--level boot` works; without it
-/// `--level boot` is a usage error).
-func makeBootVerifier(options: RepositoryOptions, repository: Repository, cancel: CancellationToken) -> ((SnapshotEntry) throws -> BootOutcome)? {
-    nil
+/// The boot level: each snapshot booted once in an isolated sandbox (docs/SANDBOX.md); the
+/// screenshot and the serial log are kept with the record as evidence.
+func makeBootVerifier(boot: SandboxBootOptions, quiet: Bool, repository: Repository,
+                      cancel: CancellationToken) -> (SnapshotEntry) throws -> BootOutcome {
+    { snapshot in
+        let dir = (NSTemporaryDirectory() as NSString).appendingPathComponent("cairn-bootcheck-\(snapshot.id.short)-\(UUID().uuidString.prefix(8))")
+        let options = try boot.sandboxOptions(workDir: dir, quiet: quiet)
+        let outcome = try Sandbox(repository: repository, snapshot: snapshot, options: options).verify(cancel: cancel)
+        try cancel.check()
+        var evidence: [(name: String, bytes: [UInt8])] = [("serial.log", outcome.serialLog)]
+        if let png = outcome.screenshotPNG { evidence.append(("screenshot.png", png)) }
+        let reason = "\(outcome.reason) (\(outcome.accel), \(String(format: "%.1f", outcome.seconds)) s)"
+        return BootOutcome(passed: outcome.passed, reason: reason, evidence: evidence)
+    }
 }
 
 struct Verify: ParsableCommand {
@@ -27,6 +37,8 @@ struct Verify: ParsableCommand {
     )
 
     @OptionGroup var options: RepositoryOptions
+
+    @OptionGroup(title: "Boot level (the sandbox, docs/SANDBOX.md)") var boot: SandboxBootOptions
 
     @Argument(help: "Snapshots to verify (id, unique prefix or 'latest').")
     var snapshots: [String] = []
@@ -109,7 +121,7 @@ struct Verify: ParsableCommand {
         let signals = installSignalHandlers(cancel)
         defer { signals.forEach { $0.cancel() } }
         let job = VerifyJob(repository: repo, level: level, sample: fraction, nativeCheckers: !noNativeCheck, checkerTimeout: timeout,
-                            boot: makeBootVerifier(options: options, repository: repo, cancel: cancel),
+                            boot: makeBootVerifier(boot: boot, quiet: options.quiet || options.json, repository: repo, cancel: cancel),
                             progress: options.progress(), cancel: cancel, toolVersion: "cairn \(cairnVersion)")
         if targets.isEmpty {
             if level == .boot { _ = try job.run([]) }   // the usage error when boot cannot run

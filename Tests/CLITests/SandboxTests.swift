@@ -191,7 +191,7 @@ struct SandboxTests {
         let s = try SandboxEnv("ok")
         let wd = s.workDir()
         let evidence = s.env.file("evidence")
-        let (r, result) = try s.check(["--accel", "tcg", "--memory", "256", "--heartbeat-serial", "CAIRN-HEARTBEAT", "--timeout", "30",
+        let (r, result) = try s.check(["--accel", "tcg", "--memory", "256", "--heartbeat-serial", "CAIRN-HEARTBEAT", "--boot-timeout", "30",
                                        "--evidence", evidence], workDir: wd)
         #expect(r.exitedNormally && r.status == 0, "\(r)")
         #expect(result["passed"] as? Bool == true, "\(result)")
@@ -214,7 +214,7 @@ struct SandboxTests {
     func corruptKernelFails() throws {
         let s = try SandboxEnv("badkernel", corruptKernel: true)
         let wd = s.workDir()
-        let (r, result) = try s.check(["--accel", "tcg", "--memory", "256", "--heartbeat-serial", "CAIRN-HEARTBEAT", "--timeout", "12"], workDir: wd)
+        let (r, result) = try s.check(["--accel", "tcg", "--memory", "256", "--heartbeat-serial", "CAIRN-HEARTBEAT", "--boot-timeout", "12"], workDir: wd)
         #expect(r.exitedNormally && r.status == 3, "a failed boot check exits 3: \(r)")
         #expect(result["passed"] as? Bool == false, "\(result)")
         let reason = result["reason"] as? String ?? ""
@@ -233,7 +233,7 @@ struct SandboxTests {
         let s = try SandboxEnv("hang", switches: "cairn.hang")
         let wd = s.workDir()
         let started = Date()
-        let (r, result) = try s.check(["--accel", "tcg", "--memory", "256", "--heartbeat-serial", "CAIRN-HEARTBEAT", "--timeout", "8"], workDir: wd)
+        let (r, result) = try s.check(["--accel", "tcg", "--memory", "256", "--heartbeat-serial", "CAIRN-HEARTBEAT", "--boot-timeout", "8"], workDir: wd)
         let took = Date().timeIntervalSince(started)
         #expect(r.exitedNormally && r.status == 3, "\(r)")
         let reason = result["reason"] as? String ?? ""
@@ -242,7 +242,7 @@ struct SandboxTests {
         #expect(took < 25, "killed at the timeout, not later: \(took) s")
         try s.expectTornDown(wd)
         // The default work directory (under $TMPDIR) goes too.
-        let plain = try s.env.cli.run(["sandbox", s.id, "--accel", "tcg", "--memory", "256", "--heartbeat-serial", "CAIRN-HEARTBEAT", "--timeout", "5"])
+        let plain = try s.env.cli.run(["sandbox", s.id, "--accel", "tcg", "--memory", "256", "--heartbeat-serial", "CAIRN-HEARTBEAT", "--boot-timeout", "5"])
         #expect(plain.status == 3 && plain.stdout.contains("boot check FAILED: no heartbeat within 5 s"), "\(plain)")
         try s.expectTornDown(wd)
     }
@@ -257,7 +257,7 @@ struct SandboxTests {
         let evidence = s.env.file("evidence-user")
         let wd = s.workDir()
         let (r, result) = try s.check(["--accel", "tcg", "--memory", "256", "--network", "user", "--heartbeat-serial", "CAIRN-HEARTBEAT",
-                                       "--timeout", "40", "--evidence", evidence], workDir: wd)
+                                       "--boot-timeout", "40", "--evidence", evidence], workDir: wd)
         #expect(r.status == 0 && result["passed"] as? Bool == true, "\(r)")
         let serial = String(decoding: FileManager.default.contents(atPath: "\(evidence)/serial.log") ?? Data(), as: UTF8.self)
         #expect(serial.contains("CAIRN-NET-ADDRESS 10.0.2.15"), "the guest has a NIC and a DHCP address: \(serial)")
@@ -272,7 +272,7 @@ struct SandboxTests {
         let none = s.env.file("evidence-none")
         let wd2 = s.workDir()
         let (r2, result2) = try s.check(["--accel", "tcg", "--memory", "256", "--network", "none", "--heartbeat-serial", "CAIRN-HEARTBEAT",
-                                         "--timeout", "40", "--evidence", none], workDir: wd2)
+                                         "--boot-timeout", "40", "--evidence", none], workDir: wd2)
         #expect(r2.status == 0 && result2["passed"] as? Bool == true, "\(r2)")
         let serial2 = String(decoding: FileManager.default.contents(atPath: "\(none)/serial.log") ?? Data(), as: UTF8.self)
         #expect(serial2.contains("CAIRN-NET-NO-NIC") && serial2.contains("CAIRN-NET-INTERFACES lo") && !serial2.contains("eth0"),
@@ -287,7 +287,7 @@ struct SandboxTests {
         let s = try SandboxEnv("keep", switches: "cairn.listen=22")
         let wd = s.workDir()
         let run = try s.env.cli.start(["sandbox", s.id, "--keep", "--forward", "22", "--accel", "tcg", "--memory", "256",
-                                       "--heartbeat-serial", "CAIRN-STAYING", "--timeout", "40", "--work-dir", wd])
+                                       "--heartbeat-serial", "CAIRN-STAYING", "--boot-timeout", "40", "--work-dir", wd])
         defer {
             if run.isRunning {
                 run.send(SIGINT)
@@ -327,7 +327,7 @@ struct SandboxTests {
         let s = try SandboxEnv("killed", switches: "cairn.listen=22")
         let wd = s.workDir()
         let run = try s.env.cli.start(["sandbox", s.id, "--keep", "--accel", "tcg", "--memory", "256",
-                                       "--heartbeat-serial", "CAIRN-STAYING", "--timeout", "40", "--work-dir", wd])
+                                       "--heartbeat-serial", "CAIRN-STAYING", "--boot-timeout", "40", "--work-dir", wd])
         defer {
             if run.isRunning { run.send(SIGKILL) }
             try? FileManager.default.removeItem(atPath: wd)
@@ -351,7 +351,7 @@ struct SandboxTests {
     func agentAndTCPHeartbeats() throws {
         let agent = try SandboxEnv("agent", switches: "cairn.fakeagent cairn.listen=22")
         let wd = agent.workDir()
-        let (r, result) = try agent.check(["--accel", "tcg", "--memory", "256", "--heartbeat-agent", "--timeout", "40"], workDir: wd)
+        let (r, result) = try agent.check(["--accel", "tcg", "--memory", "256", "--heartbeat-agent", "--boot-timeout", "40"], workDir: wd)
         #expect(r.status == 0 && result["passed"] as? Bool == true, "\(r)")
         #expect((result["reason"] as? String ?? "").contains("guest agent ping"))
         try agent.expectTornDown(wd)
@@ -360,7 +360,7 @@ struct SandboxTests {
         // guest's banner through it, the second sees the snapshot id and fails on purpose.
         let wd2 = agent.workDir()
         let banner = #"exec 3<>"/dev/tcp/$CAIRN_SANDBOX_HOST/$CAIRN_SANDBOX_PORT" && timeout 10 head -1 <&3 | grep -q CAIRN-GUEST-BANNER"#
-        let (r2, result2) = try agent.check(["--accel", "tcg", "--memory", "256", "--heartbeat-port", "22", "--timeout", "40",
+        let (r2, result2) = try agent.check(["--accel", "tcg", "--memory", "256", "--heartbeat-port", "22", "--boot-timeout", "40",
                                              "--test-script", "bash -c '\(banner)'",
                                              "--test-script", "[ \"$CAIRN_SNAPSHOT\" = \(agent.id) ] && echo script saw the id && exit 7"], workDir: wd2)
         #expect(r2.status == 3 && result2["passed"] as? Bool == false, "\(r2)")
@@ -373,13 +373,13 @@ struct SandboxTests {
 
         // Port 23 accepts but never speaks: the guest side of the connection is ESTABLISHED.
         let wd5 = agent.workDir()
-        let (r5, result5) = try agent.check(["--accel", "tcg", "--memory", "256", "--heartbeat-port", "23", "--timeout", "40"], workDir: wd5)
+        let (r5, result5) = try agent.check(["--accel", "tcg", "--memory", "256", "--heartbeat-port", "23", "--boot-timeout", "40"], workDir: wd5)
         #expect(r5.status == 0 && result5["passed"] as? Bool == true, "a silent service answers too: \(r5)")
         try agent.expectTornDown(wd5)
 
         // Port 24 is closed in the guest: QEMU accepts on the host side, but that is no answer.
         let wd3 = agent.workDir()
-        let (r3, result3) = try agent.check(["--accel", "tcg", "--memory", "256", "--heartbeat-port", "24", "--timeout", "12"], workDir: wd3)
+        let (r3, result3) = try agent.check(["--accel", "tcg", "--memory", "256", "--heartbeat-port", "24", "--boot-timeout", "12"], workDir: wd3)
         #expect(r3.status == 3 && result3["passed"] as? Bool == false, "\(r3)")
         #expect((result3["reason"] as? String ?? "").contains("no heartbeat within 12 s"), "\(result3)")
         try agent.expectTornDown(wd3)
@@ -387,7 +387,7 @@ struct SandboxTests {
         // No agent in the plain VM: it powers off without answering.
         let plain = try SandboxEnv("noagent")
         let wd4 = plain.workDir()
-        let (r4, result4) = try plain.check(["--accel", "tcg", "--memory", "256", "--heartbeat-agent", "--timeout", "20"], workDir: wd4)
+        let (r4, result4) = try plain.check(["--accel", "tcg", "--memory", "256", "--heartbeat-agent", "--boot-timeout", "20"], workDir: wd4)
         #expect(r4.status == 3, "\(r4)")
         #expect((result4["reason"] as? String ?? "").contains("powered off before the heartbeat"), "\(result4)")
         try plain.expectTornDown(wd4)
@@ -397,7 +397,7 @@ struct SandboxTests {
     func autoAccelerator() throws {
         let s = try SandboxEnv("auto")
         let wd = s.workDir()
-        let (r, result) = try s.check(["--accel", "auto", "--memory", "256", "--heartbeat-serial", "CAIRN-HEARTBEAT", "--timeout", "40"], workDir: wd)
+        let (r, result) = try s.check(["--accel", "auto", "--memory", "256", "--heartbeat-serial", "CAIRN-HEARTBEAT", "--boot-timeout", "40"], workDir: wd)
         #expect(r.status == 0 && result["passed"] as? Bool == true, "\(r)")
         let kvmOpens = open("/dev/kvm", O_RDWR | O_CLOEXEC)
         if kvmOpens >= 0 { close(kvmOpens) }
@@ -422,5 +422,43 @@ struct SandboxTests {
             let r = try env.cli.run(["sandbox", "latest"] + args)
             #expect(r.exitedNormally && r.status == 64, "\(args): \(r)")
         }
+    }
+}
+
+/// `cairn verify --level boot`: all three levels on the test VM, the evidence stored with the
+/// record; a corrupted kernel fails at boot level with the reason.
+@Suite(.serialized) struct VerifyBootTests {
+    static let boot = ["--accel", "tcg", "--memory", "256", "--heartbeat-serial", "CAIRN-HEARTBEAT"]
+
+    static func record(_ r: CLIResult) throws -> [String: Any] {
+        try #require(try VerifyTests.records(r).first)
+    }
+
+    @Test("the test VM passes data, filesystem and boot; the screenshot and serial log are kept with the record", .timeLimit(.minutes(3)))
+    func passesAllLevels() throws {
+        let s = try SandboxEnv("verify-ok")
+        let r = try s.env.expect(0, ["verify", "--level", "boot", "--boot-timeout", "40", "--json", s.id] + Self.boot)
+        let rec = try Self.record(r)
+        #expect(rec["outcome"] as? String == "passed" && rec["level"] as? String == "boot", "\(rec)")
+        let evidence = s.env.file("evidence")
+        try s.env.expect(0, ["verify", "--evidence", s.id, "--to", evidence])
+        let png = try #require(FileManager.default.contents(atPath: "\(evidence)/screenshot.png"))
+        let (w, h) = try validatePNG([UInt8](png))
+        #expect(w >= 320 && h >= 200)
+        let serial = String(decoding: FileManager.default.contents(atPath: "\(evidence)/serial.log") ?? Data(), as: UTF8.self)
+        #expect(serial.contains("CAIRN-HEARTBEAT"))
+        #expect(try s.env.expect(0, ["snapshots"]).stdout.contains("boot ok"))
+        let strays = (try? FileManager.default.contentsOfDirectory(atPath: NSTemporaryDirectory()))?.filter { $0.hasPrefix("cairn-bootcheck-\(s.short)") } ?? []
+        #expect(strays.isEmpty, "no sandbox work directory left: \(strays)")
+    }
+
+    @Test("a snapshot whose kernel file was corrupted inside the guest file system fails at boot level, naming why", .timeLimit(.minutes(3)))
+    func corruptKernelFailsAtBoot() throws {
+        let s = try SandboxEnv("verify-badkernel", corruptKernel: true)
+        let r = try s.env.expect(3, ["verify", "--level", "boot", "--boot-timeout", "12", "--json", s.id] + Self.boot)
+        let rec = try Self.record(r)
+        #expect(rec["outcome"] as? String == "failed" && rec["failed_level"] as? String == "boot", "\(rec)")
+        #expect((rec["reason"] as? String ?? "").contains("no heartbeat within 12 s"), "\(rec)")
+        #expect(try s.env.expect(0, ["snapshots"]).stdout.contains("boot FAILED"))
     }
 }
