@@ -94,21 +94,26 @@ step "what changed between the two web01 backups, and every version of a file"
 "$CAIRN" diff "$("$CAIRN" snapshots --vm web01 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')" latest --vm web01 /p1
 "$CAIRN" find app.log
 
-step "live backup of a running QEMU: web02's disk held by qemu-storage-daemon (as a VM holds it)"
-rm -f qsd-qmp.sock qsd-nbd.sock
-qemu-storage-daemon --blockdev driver=file,filename=vm2.qcow2,node-name=f0 --blockdev driver=qcow2,file=f0,node-name=disk0 \
-    --nbd-server addr.type=unix,addr.path=qsd-nbd.sock --export type=nbd,id=w,node-name=disk0,name=w,writable=on \
+step "live backup of a running VM: qemu-storage-daemon holds web02's root disk and a data disk (as QEMU would)"
+rm -f qsd-qmp.sock qsd-nbd.sock data.qcow2
+qemu-img create -q -f qcow2 data.qcow2 256M
+qemu-io -f qcow2 -c "write -P 0x11 0 32M" -c "write -P 0x22 100M 16M" data.qcow2 >/dev/null
+qemu-storage-daemon \
+    --blockdev driver=file,filename=vm2.qcow2,node-name=f0 --blockdev driver=qcow2,file=f0,node-name=root0 \
+    --blockdev driver=file,filename=data.qcow2,node-name=f1 --blockdev driver=qcow2,file=f1,node-name=data0 \
+    --nbd-server addr.type=unix,addr.path=qsd-nbd.sock --export type=nbd,id=w,node-name=data0,name=w,writable=on \
     --chardev socket,path=qsd-qmp.sock,server=on,wait=off,id=m --monitor chardev=m &
 QSD=$!
 trap 'kill $QSD 2>/dev/null || true' EXIT
 for _ in $(seq 50); do [ -S qsd-nbd.sock ] && break; sleep 0.1; done
-"$CAIRN" backup --vm web02-live --qmp qsd-qmp.sock --node disk0=disk0 --nbd-socket qsd-nbd.sock --scratch-dir "$WORK"
-echo "(the guest writes 1 MiB at 300 MiB and 64 KiB at 7 MiB)"
-qemu-io -f raw -c "write -P 0x5a 300M 1M" -c "write -P 0x33 7M 64k" "nbd+unix:///w?socket=$WORK/qsd-nbd.sock" >/dev/null
-"$CAIRN" backup --vm web02-live --qmp qsd-qmp.sock --node disk0=disk0 --nbd-socket qsd-nbd.sock --scratch-dir "$WORK"
+live() { "$CAIRN" backup --vm web02-live --qmp qsd-qmp.sock --node root=root0 --node data=data0 --nbd-socket qsd-nbd.sock --scratch-dir "$WORK"; }
+live
+echo "(the guest writes 1 MiB at 200 MiB and 64 KiB at 7 MiB of its data disk)"
+qemu-io -f raw -c "write -P 0x5a 200M 1M" -c "write -P 0x33 7M 64k" "nbd+unix:///w?socket=$WORK/qsd-nbd.sock" >/dev/null
+live
 "$CAIRN" snapshots --vm web02-live
-"$CAIRN" restore latest --vm web02-live --to live-restored.raw
-qemu-img compare -f raw -F raw live-restored.raw "nbd+unix:///w?socket=$WORK/qsd-nbd.sock" && echo "(the live restore equals the running disk)"
+"$CAIRN" restore latest --vm web02-live --disk data --to live-data.raw
+qemu-img compare -f raw -F raw live-data.raw "nbd+unix:///w?socket=$WORK/qsd-nbd.sock" && echo "(the restored data disk equals the running one)"
 kill $QSD; wait $QSD 2>/dev/null || true
 
 step "cairn verify: every chunk of every snapshot read, every guest file system walked and checked"
