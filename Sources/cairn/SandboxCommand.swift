@@ -11,16 +11,16 @@ struct SandboxCommand: ParsableCommand {
         commandName: "sandbox",
         abstract: "Boot a snapshot in an isolated VM: check that it comes up, or keep it running for item recovery.",
         discussion: """
-        The snapshot's disks are served from the repository with throwaway copy-on-write
-        overlays (the repository is never written) and booted under qemu-system-x86_64 with no
-        network (--network none, the default) or a user-mode network with no route to the host
-        or the LAN (--network user). Success is a heartbeat: a text on the serial console
-        (--heartbeat-serial, default 'login:'), the guest agent answering (--heartbeat-agent),
+        The snapshot's disks are served from the repository with throwaway copy-on-write \
+        overlays (the repository is never written) and booted under qemu-system-x86_64 with no \
+        network (--network none, the default) or a user-mode network with no route to the host \
+        or the LAN (--network user). Success is a heartbeat: a text on the serial console \
+        (--heartbeat-serial, default 'login:'), the guest agent answering (--heartbeat-agent), \
         or a guest TCP port answering (--heartbeat-port).
 
-        Without --keep: one boot check, then the VM is destroyed; exit status 0 when it passed,
-        3 when it did not. With --keep: once the heartbeat is seen the VM keeps running (with
-        --forward PORT reachable at the printed 127.0.0.1 port) until Ctrl-C or SIGTERM, or
+        Without --keep: one boot check, then the VM is destroyed; exit status 0 when it passed, \
+        3 when it did not. With --keep: once the heartbeat is seen the VM keeps running (with \
+        --forward PORT reachable at the printed 127.0.0.1 port) until Ctrl-C or SIGTERM, or \
         until the guest powers off; then the overlays are discarded. See docs/SANDBOX.md.
         """
     )
