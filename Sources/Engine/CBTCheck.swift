@@ -37,7 +37,8 @@ package struct CBTCheck: Sendable, CustomStringConvertible {
         // Candidates are read by a few threads at once (random reads: latency, not bandwidth).
         let cs = UInt64(chunkSize)
         let next = Atomic<Int>(0)
-        let state = Mutex<CBTCheck>(check)
+        // The result so far and the sample slots claimed by readers.
+        let state = Mutex<(check: CBTCheck, claims: Int)>((check, 0))
         let pool = candidates
         try runWorkers(count: min(8, pool.count), stop: cancel) { _ in
             let codec = makeCodec()
@@ -45,24 +46,34 @@ package struct CBTCheck: Sendable, CustomStringConvertible {
             defer { buffer.deallocate() }
             while true {
                 try cancel.check()
-                let done = state.withLock { $0.sampled >= want || $0.mismatch != nil }
+                // Claim one of the `want` sample slots before reading, so that the workers
+                // together read no more than asked.
+                let claimed = state.withLock { s -> Bool in
+                    guard s.check.mismatch == nil, s.claims < want else { return false }
+                    s.claims += 1
+                    return true
+                }
+                if !claimed { break }
                 let k = next.add(1, ordering: .relaxed).oldValue
-                if done || k >= pool.count { break }
+                if k >= pool.count { break }
                 let (position, id) = pool[k]
                 let offset = UInt64(position) * cs
                 let length = Int(min(cs, source.size - offset))
-                guard try source.extents(in: offset..<offset + UInt64(length)).allSatisfy({ $0.kind == .data }) else { continue }
+                guard try source.extents(in: offset..<offset + UInt64(length)).allSatisfy({ $0.kind == .data }) else {
+                    state.withLock { $0.claims -= 1 }
+                    continue
+                }
                 let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
                 try source.read(into: chunk, at: offset)
                 let now = isAllZero(UnsafeRawBufferPointer(chunk)) ? Digest.zero : codec.id(of: UnsafeRawBufferPointer(chunk))
-                state.withLock { c in
-                    c.sampled += 1
-                    c.bytesRead += UInt64(length)
-                    if now != id, c.mismatch == nil || position < c.mismatch!.position { c.mismatch = (position, offset) }
+                state.withLock { s in
+                    s.check.sampled += 1
+                    s.check.bytesRead += UInt64(length)
+                    if now != id, s.check.mismatch == nil || position < s.check.mismatch!.position { s.check.mismatch = (position, offset) }
                 }
             }
         }
-        check = state.withLock { $0 }
+        check = state.withLock { $0.check }
         return check
     }
 }

@@ -148,7 +148,15 @@ final class StorageDaemon: @unchecked Sendable {
         try qsd.write(["write -P 0x77 30M 4k"])
         let sampled = disk0(try backup(env, qsd))
         #expect(sampled["read_mode"] as? String == "cbt")
-        #expect((sampled["note"] as? String ?? "").contains("all equal"), "\(sampled)")
+        let note = sampled["note"] as? String ?? ""
+        #expect(note.contains("all equal"), "\(sampled)")
+        // Exactly the asked share is read: ceil(1 % of the unchanged chunks), at least one.
+        let counts = note.components(separatedBy: "CBT check: ").last?.components(separatedBy: " ") ?? []
+        if counts.count > 2, let n = Int(counts[0]), let m = Int(counts[2]) {
+            #expect(n == max(1, (m + 99) / 100), "\(note)")
+        } else {
+            Issue.record("no CBT check counts in \(note)")
+        }
         let snaps = try env.snapshots()
         #expect(snaps.count == 3)
         let human = try env.expect(0, ["snapshots"]).stdout
