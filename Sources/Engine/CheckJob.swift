@@ -163,40 +163,16 @@ package final class CheckJob: @unchecked Sendable {
         if readData != .none {
             var random = SystemRandomNumberGenerator()
             let toRead = referenced.intersection(stored).sorted().filter { readData.selects($0, random: &random) }
-            let next = Atomic<Int>(0)
-            let bad = Mutex<[(CairnCore.Digest, CairnError)]>([])
-            let doneBytes = Atomic<UInt64>(0)
-            let total = toRead.reduce(UInt64(0)) { $0 + UInt64(firstUser[$1]?.length ?? 0) }
-            let ticker = ProgressTicker { [progress] in
-                progress.report(ProgressSnapshot(phase: "check", doneBytes: doneBytes.load(ordering: .relaxed), totalBytes: total,
-                                                 elapsedSeconds: Date().timeIntervalSince(started)))
-            }
-            defer { ticker.stop() }
-            let repository = self.repository, cancel = self.cancel, chunkSize = repository.chunkSize
-            try runWorkers(count: min(workers, max(1, toRead.count)), stop: cancel) { _ in
-                let codec = repository.makeCodec()
-                let buffer = allocateBuffer(chunkSize)
-                var scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize + 4096, alignment: 64)
-                defer { buffer.deallocate(); scratch.deallocate() }
-                while true {
-                    try cancel.check()
-                    let k = next.add(1, ordering: .relaxed).oldValue
-                    if k >= toRead.count { break }
-                    let id = toRead[k]
-                    do {
-                        let n = try repository.loadChunk(id, codec: codec, scratch: &scratch, into: buffer)
-                        doneBytes.add(UInt64(n), ordering: .relaxed)
-                    } catch let e as CairnError {
-                        bad.withLock { $0.append((id, e)) }
-                    }
-                }
-            }
-            for (id, error) in bad.withLock({ $0 }).sorted(by: { $0.0 < $1.0 }) {
+            var lengths: [CairnCore.Digest: Int] = [:]
+            for id in toRead { if let f = firstUser[id] { lengths[id] = Int(f.length) } }
+            let (bad, bytes) = try verifyChunks(toRead, lengths: lengths, repository: repository, workers: workers, cancel: cancel,
+                                                progress: progress, phase: "check", started: started)
+            for (id, error) in bad.sorted(by: { $0.key < $1.key }) {
                 problems.append(CheckProblem(kind: "chunk", object: id.hex, state: Self.state(of: error),
                                              message: error.description, affected: users(id), snapshots: userSnapshots(id)))
             }
             chunksRead = toRead.count
-            bytesRead = doneBytes.load(ordering: .relaxed)
+            bytesRead = bytes
         }
         // Verification records: each must open (authenticated when encrypted) and decode.
         var verifications = 0, orphanedVerifications = 0

@@ -218,39 +218,11 @@ package final class VerifyJob: @unchecked Sendable {
     private func readChunks(_ ids: [CairnCore.Digest], lengths: [CairnCore.Digest: Int], phase: String) throws -> [CairnCore.Digest: CairnError] {
         guard !ids.isEmpty else { return [:] }
         let started = Date()
-        let next = Atomic<Int>(0)
-        let bad = Mutex<[CairnCore.Digest: CairnError]>([:])
-        let doneBytes = Atomic<UInt64>(0)
+        let bad = try verifyChunks(ids, lengths: lengths, repository: repository, workers: workers, cancel: cancel,
+                                   progress: progress, phase: phase, started: started).bad
         let total = ids.reduce(UInt64(0)) { $0 + UInt64(lengths[$1] ?? 0) }
-        let ticker = ProgressTicker { [progress] in
-            progress.report(ProgressSnapshot(phase: phase, doneBytes: doneBytes.load(ordering: .relaxed), totalBytes: total,
-                                             elapsedSeconds: Date().timeIntervalSince(started)))
-        }
-        defer { ticker.stop() }
-        let repository = self.repository, cancel = self.cancel, chunkSize = repository.chunkSize
-        try runWorkers(count: min(workers, ids.count), stop: cancel) { _ in
-            let codec = repository.makeCodec()
-            let buffer = allocateBuffer(chunkSize)
-            var scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize + 4096, alignment: 64)
-            defer { buffer.deallocate(); scratch.deallocate() }
-            while true {
-                try cancel.check()
-                let k = next.add(1, ordering: .relaxed).oldValue
-                if k >= ids.count { break }
-                let id = ids[k]
-                do {
-                    let n = try repository.loadChunk(id, codec: codec, scratch: &scratch, into: buffer)
-                    if let want = lengths[id], n != want {
-                        throw CairnError(.corrupt, "chunk \(id.hex) holds \(n) bytes where the index needs \(want)")
-                    }
-                    doneBytes.add(UInt64(n), ordering: .relaxed)
-                } catch let e as CairnError {
-                    bad.withLock { $0[id] = e }
-                }
-            }
-        }
         progress.finish(ProgressSnapshot(phase: phase, doneBytes: total, totalBytes: total, elapsedSeconds: Date().timeIntervalSince(started)))
-        return bad.withLock { $0 }
+        return bad
     }
 
     // MARK: filesystem
