@@ -51,7 +51,7 @@ final class SandboxMachine {
     let stderrPath: String
     let screenshotPath: String
     var qmp: QMPClient?
-    private var agent: GuestAgentProbe?
+    private var agent: GuestAgentClient?
     private var serialReadOffset: UInt64 = 0
     private var serialTail: [UInt8] = []
     private var tornDown = false
@@ -318,15 +318,18 @@ final class SandboxMachine {
         return false
     }
 
+    /// The guest agent resyncs (guest-sync-delimited) and answers guest-ping within `seconds`.
+    /// A silent or broken connection is dropped and made anew at the next poll (the resync
+    /// skips whatever an earlier connection left in the channel).
     private func agentAnswers(within seconds: Double) -> Bool {
-        if agent == nil { agent = GuestAgentProbe.connect(path: agentSocket) }
-        guard let agent else { return false }
-        switch agent.ping(timeout: seconds) {
-        case .answered: return true
-        case .silent: return false
-        case .broken:
-            agent.close()
-            self.agent = nil
+        do {
+            let client = try agent ?? GuestAgentClient.connect(path: agentSocket, timeout: seconds)
+            agent = client
+            try client.ping(timeout: seconds)
+            return true
+        } catch {
+            agent?.close()
+            agent = nil
             return false
         }
     }
