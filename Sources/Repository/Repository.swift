@@ -144,15 +144,7 @@ package final class Repository: Sendable {
     }
 }
 
-/// Small helpers for names and times written into repository files.
-package func hostName() -> String {
-    var buf = [UInt8](repeating: 0, count: 256)
-    buf.withUnsafeMutableBufferPointer { p in
-        p.baseAddress!.withMemoryRebound(to: CChar.self, capacity: 256) { _ = gethostname($0, 255) }
-    }
-    return String(decoding: buf.prefix(while: { $0 != 0 }), as: UTF8.self)
-}
-
+/// Small helpers for times written into repository files (`hostName()` is in Storage).
 package func timestamp(_ date: Date = Date()) -> String {
     let f = ISO8601DateFormatter()
     f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]

@@ -71,8 +71,9 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
         try ensureDirectory(dir)
         let tmp: String
         if LocalDirectoryStore.inPlaceTemporaryNamespaces.contains(key.namespace) {
-            // Named after the object (a lock's id), so a leftover can be told apart.
-            tmp = "\(dir)/.tmp-\(key.name).\(UInt64.random(in: 0...UInt64.max))"
+            // Named after the object (a lock's id) and its writer (pid and host), so a leftover
+            // can be told apart and, when its writer is gone, removed at once.
+            tmp = "\(dir)/.tmp-\(key.name).\(WriterTag.current.text).\(UInt64.random(in: 0...UInt64.max))"
         } else {
             let tmpDir = "\(root)/tmp"
             try ensureDirectory(tmpDir)
@@ -207,10 +208,11 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
         }
     }
 
-    /// How old a lock's temporary (`locks/.tmp-<id>.<random>`) must be before a process other
-    /// than its writer may remove it. It lives for the milliseconds between create and rename;
-    /// the age keeps a locker from removing the temporary of a lock being taken right now,
-    /// whose owner does not appear in `locks/` yet.
+    /// How old a lock's temporary (`locks/.tmp-<id>.<pid>-<host tag>.<random>`) must be before a
+    /// process other than its writer may remove it when it cannot tell whether the writer still
+    /// runs (another host, a reused pid, or an older name `.tmp-<id>.<random>`). It lives for the
+    /// milliseconds between create and rename; the age keeps a locker from removing the
+    /// temporary of a lock being taken right now, whose owner does not appear in `locks/` yet.
     package static let lockTemporaryMaxAge: Double = 10 * 60   // seconds
 
     /// Removes temporary files left by dead processes. Returns how many were removed.
@@ -219,7 +221,8 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
     /// after its lock exists, so every file in that listing whose owner is missing from the
     /// later lock listing belongs to a process that is gone (or has released its lock).
     /// Lock temporaries in `locks/` (left by a process killed while it wrote its lock file) are
-    /// removed when their owner is not live and they are older than `lockTemporaryMaxAge`.
+    /// removed when their owner is not live and either their writer's pid is gone from this
+    /// host or they are older than `lockTemporaryMaxAge`.
     @discardableResult
     package func removeStaleTemporaries(liveOwners: () throws -> Set<String>) throws -> Int {
         var removed = 0
@@ -235,9 +238,14 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
         }
         let now = Double(time(nil))
         for name in lockTemps {
-            let owner = String(name.dropFirst(".tmp-".count).prefix(while: { $0 != "." }))
+            let fields = name.dropFirst(".tmp-".count).split(separator: ".", omittingEmptySubsequences: false)
+            let owner = String(fields[0])
             if live.contains(owner) { continue }
             let path = "\(root)/locks/\(name)"
+            if fields.count == 3, let writer = WriterTag(fields[1]), writer.isDeadWriterOnThisHost {
+                if unlink(path) == 0 { removed += 1 }
+                continue
+            }
             var st = stat()
             guard stat(path, &st) == 0 else { continue }
             let age = now - (Double(st.st_mtim.tv_sec) + Double(st.st_mtim.tv_nsec) / 1e9)

@@ -315,12 +315,13 @@ fileprivate final class KillBattery {
         print("BATTERY kill-9 [\(label)]: \(totalLanded) kills landed (\(kinds(landed))) in \(attempts) attempts; "
               + "finished before the kill: \(kinds(finishedBeforeKill)); \(calibrations) unkilled timing runs; backups killed after commit \(backupsKilledAfterCommit); "
               + "\(killsLeavingTemporaries) kills left \(temporariesLeft) files in tmp/ for the rerun to remove; "
-              + "failed reruns \(rerunFailures); \(leakedLockTemporaries.count) locks/.tmp-* files left by killed lock writers (removed once 10 min old); \(checks) check --read-data passes; \(restored) restores byte-identical; "
+              + "failed reruns \(rerunFailures); \(leakedLockTemporaries.count) locks/.tmp-* files outlived the next command; \(checks) check --read-data passes; \(restored) restores byte-identical; "
               + "typical s: \(KillJob.allCases.map { "\($0.rawValue) \(String(format: "%.2f", typical[$0] ?? 0))" }.joined(separator: ", ")); "
               + "\(String(format: "%.0f", seconds)) s")
-        // A lock file's temporary left by a killed writer (locks/.tmp-<lock id>.<random>) is
-        // removed by the next locker once it is older than LocalDirectoryStore's
-        // lockTemporaryMaxAge (10 minutes): age the leftovers, take a lock, and none may remain.
+        // A lock file's temporary left by a killed writer (locks/.tmp-<lock id>.<writer>.<random>)
+        // is removed by the next locker at once when the writer's pid is gone from this host,
+        // else once it is older than lockTemporaryMaxAge (10 minutes): age any leftovers, take a
+        // lock, and none may remain.
         let locksDir = env.repo + "/locks"
         let leftovers = ((try? FileManager.default.contentsOfDirectory(atPath: locksDir)) ?? []).filter { $0.hasPrefix(".tmp-") }
         for name in leftovers {

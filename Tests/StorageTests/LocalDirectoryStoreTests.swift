@@ -62,6 +62,34 @@ import Testing
         #expect(try store.list("locks") == ["abcd0001"])
     }
 
+    @Test("a fresh lock temporary whose writer's pid is gone from this host is removed at once; a live or foreign writer's is kept")
+    func lockTemporariesOfDeadWriters() throws {
+        let dir = try TempDir()
+        let store = LocalDirectoryStore(root: dir.path)
+        let locks = "\(dir.path)/locks"
+        try FileManager.default.createDirectory(atPath: locks, withIntermediateDirectories: true)
+        // A pid that certainly ran on this host and has exited.
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/true")
+        try p.run()
+        p.waitUntilExit()
+        let dead = WriterTag(pid: p.processIdentifier, host: WriterTag.current.host)
+        #expect(dead.isDeadWriterOnThisHost)
+        let liveHere = WriterTag(pid: getppid(), host: WriterTag.current.host)
+        let elsewhere = WriterTag(pid: p.processIdentifier, host: WriterTag.hostTag("some-other-host.example"))
+        let names = [".tmp-dead0001.\(dead.text).7", ".tmp-live0001.\(liveHere.text).8",
+                     ".tmp-dead0002.\(elsewhere.text).9", ".tmp-dead0003.\(WriterTag.current.text).10"]
+        for name in names {
+            _ = FileManager.default.createFile(atPath: "\(locks)/\(name)", contents: Data([1]))
+        }
+        #expect(try store.removeStaleTemporaries { [] } == 1)
+        let left = try FileManager.default.contentsOfDirectory(atPath: locks).sorted()
+        #expect(left == names.dropFirst().sorted())
+        // The store's own lock temporaries carry its writer tag.
+        #expect(WriterTag(Substring(WriterTag.current.text)) == WriterTag.current)
+        #expect(WriterTag("123") == nil && WriterTag("12-xyz") == nil && WriterTag("4567891234") == nil)
+    }
+
     @Test func fullDiskIsReportedAsNoSpace() throws {
         // /dev/full answers every write with ENOSPC: the error must say so and leave no temp file.
         let e = #expect(throws: CairnError.self) {
