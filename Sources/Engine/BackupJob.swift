@@ -172,17 +172,28 @@ package final class BackupJob: @unchecked Sendable {
                 // The guest's file systems: free blocks become zero extents, files a catalog.
                 // (Both off: the guest is not looked at, not even its partition table.)
                 let guest = disk.skipFreeSpace || disk.catalog
-                    ? GuestInspection.inspect(disk.source, diskName: disk.name, freeSpace: disk.skipFreeSpace, catalog: disk.catalog)
+                    ? GuestInspection.inspect(disk.source, diskName: disk.name, freeSpace: disk.skipFreeSpace, catalog: false)
                     : GuestInspection(freeRanges: [], catalog: nil, volumes: [], warnings: [])
                 warnings += guest.warnings
+                // The catalog walk reads only file system metadata, mostly waiting on the disk
+                // when the cache is cold: it runs beside the data pipeline, not before it.
+                let diskName = disk.name
+                let catalogWalk = disk.catalog ? guest.layout.map { layout in
+                    Background { GuestInspection.walkCatalog(layout, diskName: diskName) }
+                } : nil
                 var freeBytes: UInt64 = 0
                 if disk.skipFreeSpace && !guest.freeRanges.isEmpty {
                     let masked = MaskedBlockSource(base: disk.source, masked: guest.freeRanges)
                     freeBytes = masked.maskedBytes
                     disk.source = masked
                 }
-                Trace.mark("backup: disk \(disk.name) inspected, \(freeBytes) bytes free, \(guest.catalog?.entries.count ?? 0) files")
-                let (index, check) = try backupDisk(disk, known: known, counters: counters)
+                Trace.mark("backup: disk \(disk.name) inspected, \(freeBytes) bytes free")
+                let stored = Result { try backupDisk(disk, known: known, counters: counters) }
+                // Waited for even when the pipeline failed: the walk reads the disk's source.
+                let walked = try catalogWalk?.get()
+                warnings += walked?.warnings ?? []
+                let (index, check) = try stored.get()
+                Trace.mark("backup: disk \(disk.name) read, \(walked?.catalog?.entries.count ?? 0) files catalogued")
                 if let check {
                     cbtChecks[disk.name] = check
                     if check.mismatch != nil {
@@ -192,7 +203,7 @@ package final class BackupJob: @unchecked Sendable {
                     disk.readNote = (disk.readNote.map { $0 + "; " } ?? "") + check.description
                 }
                 indexes.append(index)
-                let catalogIndex = try guest.catalog.map { try storeBlob($0.encode(), known: known, counters: counters) }
+                let catalogIndex = try walked?.catalog.map { try storeBlob($0.encode(), known: known, counters: counters) }
                 catalogIndexes.append(catalogIndex)
                 manifestDisks.append(Manifest.Disk(
                     name: disk.name, virtualSize: disk.source.size, sourceFormat: disk.format, sourcePath: disk.path, index: "",

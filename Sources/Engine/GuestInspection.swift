@@ -11,6 +11,8 @@ package struct GuestInspection: Sendable {
     package var catalog: FileCatalog?
     package var volumes: [String]
     package var warnings: [String]
+    /// The partition table and volumes found (nil when the guest was not looked at).
+    package var layout: DiskLayout?
 
     /// At most this many files are catalogued per disk (the rest are left out with a warning).
     package static let maxCatalogEntries = 20_000_000
@@ -33,25 +35,35 @@ package struct GuestInspection: Sendable {
             warnings += w.map { "disk \(diskName): \($0)" }
         }
         var catalog: FileCatalog?
-        if wantCatalog, layout.volumes.contains(where: { $0.fileSystem != nil }) {
-            var c = FileCatalog()
-            for v in layout.volumes {
-                guard let fs = v.fileSystem else { continue }
-                let number = c.volumes.count
-                c.volumes.append(.init(name: v.name, type: fs.typeName, label: fs.label, uuid: fs.uuid ?? ""))
-                do {
-                    try fs.walk(maxEntries: maxCatalogEntries) { path, _, meta in
-                        c.entries.append(FileCatalog.Entry(
-                            volume: number, kind: meta.kind.letter, permissions: meta.permissions & 0o7777, uid: meta.uid, gid: meta.gid,
-                            size: meta.size, mtimeSeconds: meta.modified.seconds, mtimeNanoseconds: min(meta.modified.nanoseconds, 999_999_999),
-                            path: path))
-                    }
-                } catch {
-                    warnings.append("disk \(diskName): \(v.name.isEmpty ? "" : v.name + ": ")the \(fs.typeName) tree could not be walked to the end (\(describe(error))); the catalog lists what was read")
-                }
-            }
-            catalog = c
+        if wantCatalog {
+            let walked = walkCatalog(layout, diskName: diskName)
+            catalog = walked.catalog
+            warnings += walked.warnings
         }
-        return GuestInspection(freeRanges: free, catalog: catalog, volumes: summary, warnings: warnings)
+        return GuestInspection(freeRanges: free, catalog: catalog, volumes: summary, warnings: warnings, layout: layout)
+    }
+
+    /// The file catalog of every file system in `layout` (nil when there is none). It reads
+    /// only file system metadata, so a backup runs it beside the data pipeline.
+    package static func walkCatalog(_ layout: DiskLayout, diskName: String) -> (catalog: FileCatalog?, warnings: [String]) {
+        guard layout.volumes.contains(where: { $0.fileSystem != nil }) else { return (nil, []) }
+        var warnings: [String] = []
+        var c = FileCatalog()
+        for v in layout.volumes {
+            guard let fs = v.fileSystem else { continue }
+            let number = c.volumes.count
+            c.volumes.append(.init(name: v.name, type: fs.typeName, label: fs.label, uuid: fs.uuid ?? ""))
+            do {
+                try fs.walk(maxEntries: maxCatalogEntries) { path, _, meta in
+                    c.entries.append(FileCatalog.Entry(
+                        volume: number, kind: meta.kind.letter, permissions: meta.permissions & 0o7777, uid: meta.uid, gid: meta.gid,
+                        size: meta.size, mtimeSeconds: meta.modified.seconds, mtimeNanoseconds: min(meta.modified.nanoseconds, 999_999_999),
+                        path: path))
+                }
+            } catch {
+                warnings.append("disk \(diskName): \(v.name.isEmpty ? "" : v.name + ": ")the \(fs.typeName) tree could not be walked to the end (\(describe(error))); the catalog lists what was read")
+            }
+        }
+        return (c, warnings)
     }
 }

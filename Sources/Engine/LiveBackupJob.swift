@@ -92,8 +92,7 @@ package final class LiveBackupJob: @unchecked Sendable {
     package func run() throws -> SnapshotEntry {
         // Listing the stored chunks takes a while in a big repository: it runs while QEMU works.
         let repository = self.repository
-        let listing = ChunkListing()
-        DispatchQueue.global().async(group: listing.done) { listing.result = Result { try repository.listChunkIDs() } }
+        let listing = Background { try repository.listChunkIDs() }
         let qmp = try QMPClient.connect(path: request.qmp, timeout: 10, commandTimeout: 60)
         defer { qmp.close() }
         let vm = LiveVM(qmp: qmp)
@@ -179,10 +178,7 @@ package final class LiveBackupJob: @unchecked Sendable {
         Trace.mark("live: exports connected, dirty ranges read")
         let job = BackupJob(repository: repository, vm: request.vm, tags: request.tags, disks: backupDisks, progress: progress,
                             cancel: cancel, workers: workers, toolVersion: toolVersion)
-        job.knownChunks = {
-            listing.done.wait()
-            return try listing.result!.get()
-        }
+        job.knownChunks = { try listing.get() }
         job.consistency = consistency
         job.source = "qmp:\(request.qmp)"
         job.vmConfig = vm.configuration(disks: disks)
@@ -344,7 +340,3 @@ package final class LiveBackupJob: @unchecked Sendable {
 
 /// The chunk list being read on another thread: `result` is written once, before `done` is
 /// left, and read only after waiting for `done`.
-private final class ChunkListing: @unchecked Sendable {
-    let done = DispatchGroup()
-    var result: Result<Set<CairnCore.Digest>, any Error>?
-}
