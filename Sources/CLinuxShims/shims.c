@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 #include <malloc.h>
+#include <sys/vfs.h>
 #include "CLinuxShims.h"
 
 int cairn_punch_hole(int fd, int64_t offset, int64_t length) {
@@ -22,4 +23,10 @@ int cairn_start_writeback(int fd, int64_t offset, int64_t length) {
 void cairn_malloc_tune(void) {
     mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024);
     mallopt(M_MMAP_THRESHOLD, 64 * 1024 * 1024);
+}
+
+int64_t cairn_fs_type(const char *path) {
+    struct statfs st;
+    if (statfs(path, &st) != 0) return -1;
+    return (int64_t)(uint32_t)st.f_type;
 }

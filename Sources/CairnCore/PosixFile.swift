@@ -74,6 +74,12 @@ public final class PosixFile: @unchecked Sendable {
         }
     }
 
+    /// Starts writing the file's dirty pages back without waiting for them
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`); a hint, never fails.
+    public func startWriteback() {
+        _ = cairn_start_writeback(fd, 0, 0)
+    }
+
     public func truncate(to size: UInt64) throws {
         guard ftruncate(fd, off_t(size)) == 0 else { throw CairnError.errno("ftruncate", errno, path: path) }
     }
@@ -139,6 +145,13 @@ public func syncFileSystem(containing path: String) throws {
     guard fd >= 0 else { throw CairnError.errno("open", errno, path: path) }
     defer { close(fd) }
     if cairn_syncfs(fd) != 0 { throw CairnError.errno("syncfs", errno, path: path) }
+}
+
+/// The `f_type` magic number of the file system holding `path` (statfs(2)), nil when it
+/// cannot be asked.
+public func fileSystemType(of path: String) -> UInt32? {
+    let t = cairn_fs_type(path)
+    return t < 0 ? nil : UInt32(truncatingIfNeeded: t)
 }
 
 /// Tunes glibc malloc for chunk-sized buffers (call once at startup of a tool).

@@ -79,6 +79,9 @@ package final class RepositoryLock: @unchecked Sendable {
         guard !released else { return }
         released = true
         timer?.cancel()
+        // Chunks still waiting for their group commit get their names while the lock (and
+        // with it the claim on this job's temporaries) still exists.
+        try? repository.store.barrier()
         try? repository.store.delete(ObjectKey("locks", id))
         try? repository.store.barrier()
     }

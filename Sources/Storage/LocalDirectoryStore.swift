@@ -8,8 +8,9 @@ import Glibc
 ///
 /// Layout: `<root>/<namespace>/<name>`, except chunks and indexes, which fan out into 256
 /// subdirectories by the first two hex digits (`chunks/ab/abcd...`). Every put writes
-/// `tmp/<owner>.<random>`, fdatasyncs it, renames it into place; the directories touched are
-/// fsynced at the next `barrier()`. Temporary files carry the id of the lock of the process
+/// `tmp/<owner>.<random>`, makes it durable, renames it into place; the directories touched
+/// are fsynced at the next `barrier()`. A chunk is made durable by `fdatasync` or, at sync level
+/// `filesystem`, by a group `syncfs` before its rename (`GroupCommit`). Temporary files carry the id of the lock of the process
 /// that writes them, so a later process can remove those left by a dead one.
 package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
     // @unchecked: mutable state lives in Mutexes.
@@ -24,9 +25,30 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
 
     package static let fanOutNamespaces: Set<String> = ["chunks", "indexes"]
 
-    package init(root: String, durable: Bool = true) {
+    /// Namespaces whose puts are committed in groups when the sync level is `filesystem`
+    /// (the bulk of a backup's writes; see `GroupCommit`).
+    package static let groupCommitNamespaces: Set<String> = ["chunks"]
+    /// Chosen on the first grouped put, when the repository directory surely exists.
+    private let chosenSyncLevel = Mutex<SyncLevel?>(nil)
+    private let groups: GroupCommit
+
+    /// `syncLevel` nil: chosen from the file system type (or `CAIRN_SYNC`) at the first put.
+    package init(root: String, durable: Bool = true, syncLevel: SyncLevel? = nil) {
         self.root = root
         self.durable = durable
+        chosenSyncLevel.withLock { $0 = syncLevel }
+        groups = GroupCommit(root: root)
+    }
+
+    /// How chunk files are made durable here (`file` when the store is not durable at all).
+    package var syncLevel: SyncLevel {
+        guard durable else { return .file }
+        return chosenSyncLevel.withLock { level in
+            if let level { return level }
+            let chosen = SyncLevel.choose(for: root)
+            level = chosen
+            return chosen
+        }
     }
 
     package func setTemporaryOwner(_ owner: String) {
@@ -80,15 +102,25 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
             let owner = tmpOwner.withLock { $0 }
             tmp = "\(tmpDir)/\(owner).\(UInt64.random(in: 0...UInt64.max))"
         }
+        let grouped = LocalDirectoryStore.groupCommitNamespaces.contains(key.namespace) && syncLevel == .filesystem
         let file = try PosixFile(path: tmp, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o444)
         do {
             try file.pwrite(bytes, at: 0)
-            if durable { try file.fdatasync() }
+            if grouped {
+                file.startWriteback()
+            } else if durable {
+                try file.fdatasync()
+            }
         } catch {
             unlink(tmp)
             throw error
         }
         let dest = "\(dir)/\(key.name)"
+        if grouped {
+            // Named by the group commit once a syncfs made its data durable.
+            try groups.enqueue(tmp: tmp, dest: dest, dir: dir, bytes: bytes.count)
+            return
+        }
         guard rename(tmp, dest) == 0 else {
             let e = errno
             unlink(tmp)
@@ -112,7 +144,13 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
         close(fd)
     }
 
+    /// Reads see every put that returned: grouped puts not named yet are named first.
+    private func settle(_ namespace: String) throws {
+        if LocalDirectoryStore.groupCommitNamespaces.contains(namespace), !groups.isIdle { try groups.drain() }
+    }
+
     package func get(_ key: ObjectKey, into buffer: inout UnsafeMutableRawBufferPointer) throws -> Int {
+        try settle(key.namespace)
         let p = path(for: key)
         let fd = open(p, O_RDONLY | O_CLOEXEC)
         if fd < 0 {
@@ -141,10 +179,12 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
     }
 
     package func exists(_ key: ObjectKey) throws -> Bool {
-        access(path(for: key), F_OK) == 0
+        try settle(key.namespace)
+        return access(path(for: key), F_OK) == 0
     }
 
     package func size(_ key: ObjectKey) throws -> UInt64? {
+        try settle(key.namespace)
         var st = stat()
         if stat(path(for: key), &st) != 0 {
             if errno == ENOENT { return nil }
@@ -154,6 +194,7 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
     }
 
     package func list(_ namespace: String) throws -> [String] {
+        try settle(namespace)
         let base = "\(root)/\(namespace)"
         if LocalDirectoryStore.fanOutNamespaces.contains(namespace) {
             var out: [String] = []
@@ -188,6 +229,7 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
     }
 
     package func delete(_ key: ObjectKey) throws {
+        try settle(key.namespace)
         let p = path(for: key)
         if unlink(p) != 0 {
             if errno == ENOENT { return }   // nothing changed, nothing to make durable
@@ -197,8 +239,11 @@ package final class LocalDirectoryStore: ObjectStore, @unchecked Sendable {
     }
 
     package func barrier() throws {
+        // Grouped puts get their names first (their data is durable before they do).
+        try groups.drain()
+        let renamed = groups.takeRenamedDirectories()
         let dirs = dirtyDirectories.withLock { d -> Set<String> in
-            let copy = d
+            let copy = d.union(renamed)
             d.removeAll()
             return copy
         }

@@ -17,9 +17,12 @@ package struct ObjectKey: Hashable, Sendable, CustomStringConvertible {
 /// The storage contract every backend keeps (docs/FORMAT.md, "Storage contract"):
 ///
 /// - `put` is atomic: a reader sees the whole object or nothing, never a prefix.
-/// - After `put` returns, the object's bytes are durable; its *name* is durable after the next
-///   `barrier()` (a local directory batches directory fsyncs there; object stores do nothing).
-/// - Read-after-write: `get`/`exists`/`list` see an object once `put` returned.
+/// - After the next `barrier()`, the object's bytes and name are durable (a local directory
+///   makes data durable before the name exists, per file or per group of chunk files, and
+///   batches directory fsyncs at the barrier; object stores do nothing).
+/// - A name never exists before its data is durable: a crash leaves whole objects or none.
+/// - Read-after-write: `get`/`exists`/`list` of the same process see an object once `put`
+///   returned; other processes see it after the next `barrier()` at the latest.
 /// - Objects are write-once: a `put` of an existing key replaces it with identical bytes only
 ///   (content addressing); nothing is ever modified in place.
 package protocol ObjectStore: Sendable {
@@ -35,7 +38,7 @@ package protocol ObjectStore: Sendable {
     /// Names in a namespace, in no particular order.
     func list(_ namespace: String) throws -> [String]
     func delete(_ key: ObjectKey) throws
-    /// Makes the names of every object put so far durable.
+    /// Makes every object put so far, bytes and name, durable.
     func barrier() throws
     /// Where `key` lives, for messages (a file path, a URL).
     func path(for key: ObjectKey) -> String

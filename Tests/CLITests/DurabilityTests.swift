@@ -12,6 +12,10 @@ struct DurabilityTests {
     enum Event: Equatable {
         case mkdir(String)
         case sync(String)
+        /// `syncfs`: every file written before it is durable after it.
+        case syncAll
+        /// A file created (`openat` with `O_CREAT`).
+        case create(String)
         case rename(from: String, to: String)
     }
 
@@ -42,9 +46,16 @@ struct DurabilityTests {
             if call.hasPrefix("<... "), let close = call.range(of: " resumed>") {
                 call = (pending.removeValue(forKey: pid) ?? "") + call[close.upperBound...]
             }
+            if call.hasPrefix("openat("), call.contains("O_CREAT"),
+               call.range(of: #"\)\s+= [0-9]+<[^>]*>$"#, options: .regularExpression) != nil {
+                if let p = quoted(call[...]).first { events.append(.create(p)) }
+                continue
+            }
             guard call.range(of: #"\)\s+= 0$"#, options: .regularExpression) != nil else { continue }
             if call.hasPrefix("mkdir(") || call.hasPrefix("mkdirat(") {
                 if let p = quoted(call[...]).first { events.append(.mkdir(p)) }
+            } else if call.hasPrefix("syncfs(") {
+                events.append(.syncAll)
             } else if call.hasPrefix("fsync(") || call.hasPrefix("fdatasync(") {
                 if let lt = call.firstIndex(of: "<"), let gt = call[lt...].firstIndex(of: ">") {
                     events.append(.sync(String(call[call.index(after: lt)..<gt])))
@@ -59,17 +70,18 @@ struct DurabilityTests {
 
     static func parent(_ p: String) -> String { (p as NSString).deletingLastPathComponent }
 
-    @Test("a traced backup syncs data before names and every name before the manifest")
-    func writeOrder() throws {
+    @Test("a traced backup syncs data before names and every name before the manifest (chunks synced per file, or per group by syncfs)",
+          arguments: ["file", "filesystem"])
+    func writeOrder(syncLevel: String) throws {
         let strace = try Tool.which("strace")
         let env = try CLIEnv("cli-durable", password: nil)
         try env.expect(0, ["init", "--encryption", "none", "--chunk-size", "64K"])
         let disk = env.file("d.raw")
         try Disk.dense(disk, size: 4 * MiB, seed: 97)
         let trace = env.file("trace.txt")
-        let r = try Tool.run(strace, ["-f", "-y", "-qq", "-e", "trace=mkdir,mkdirat,fsync,fdatasync,rename,renameat,renameat2", "-o", trace,
+        let r = try Tool.run(strace, ["-f", "-y", "-qq", "-e", "trace=mkdir,mkdirat,openat,fsync,fdatasync,syncfs,rename,renameat,renameat2", "-o", trace,
                                       env.cli.binary, "backup", "--vm", "d", disk],
-                             environment: ["CAIRN_REPO": env.repo], check: false)
+                             environment: ["CAIRN_REPO": env.repo, "CAIRN_SYNC": syncLevel], check: false)
         #expect(r.status == 0, "strace + backup: \(r.stderr)")
         let traceText = try String(contentsOfFile: trace, encoding: .utf8)
         let events = Self.parse(traceText)
@@ -80,18 +92,32 @@ struct DurabilityTests {
             range.contains { events[$0] == .sync(path) }
         }
 
-        var objects = 0
+        var objects = 0, chunksSyncedAlone = 0, chunksSyncedInGroup = 0
         for (i, e) in events.enumerated() {
             guard case .rename(let from, let to) = e else { continue }
             objects += 1
-            // The object's bytes are durable before it gets its name.
-            #expect(synced(from, in: 0..<i), "\(to) renamed before its data was synced")
+            // The object's bytes are durable before it gets its name: its own sync, or a
+            // syncfs after it was created.
+            let created = events[0..<i].lastIndex(of: .create(from))
+            #expect(created != nil, "the trace shows \(from) being created")
+            let alone = synced(from, in: 0..<i)
+            let inGroup = created.map { c in events[c..<i].contains(.syncAll) } ?? false
+            #expect(alone || inGroup, "\(to) renamed before its data was synced")
+            if to.hasPrefix(env.repo + "/chunks/") {
+                if alone { chunksSyncedAlone += 1 }
+                if inGroup && !alone { chunksSyncedInGroup += 1 }
+            }
             // Chunk and index names are durable before the manifest refers to them.
             if i < manifestAt {
                 #expect(synced(Self.parent(to), in: i..<manifestAt), "directory of \(to) not synced before the manifest")
             }
         }
         #expect(objects >= 64 + 2, "64 chunks, an index and the manifest were stored (\(objects) renames)")
+        if syncLevel == "file" {
+            #expect(chunksSyncedAlone >= 64 && chunksSyncedInGroup == 0, "file: \(chunksSyncedAlone) chunks fdatasynced, \(chunksSyncedInGroup) by syncfs")
+        } else {
+            #expect(chunksSyncedInGroup >= 64 && chunksSyncedAlone == 0, "filesystem: \(chunksSyncedInGroup) chunks made durable by syncfs, \(chunksSyncedAlone) fdatasynced")
+        }
         #expect(synced(snapshots, in: manifestAt..<events.count), "the manifest's name is made durable")
 
         // A directory created for new objects must itself be durable (its parent synced)

@@ -90,6 +90,45 @@ import Testing
         #expect(WriterTag("123") == nil && WriterTag("12-xyz") == nil && WriterTag("4567891234") == nil)
     }
 
+    @Test("sync level filesystem: grouped chunk puts are readable at once, named after a syncfs, and leave no temporaries")
+    func groupCommittedChunks() throws {
+        let dir = try TempDir()
+        let store = LocalDirectoryStore(root: dir.path, syncLevel: .filesystem)
+        #expect(store.syncLevel == .filesystem)
+        let names = (0..<200).map { String(format: "%064x", $0 * 7919) }
+        DispatchQueue.concurrentPerform(iterations: names.count) { i in
+            let bytes = [UInt8](repeating: UInt8(i & 0xff), count: 1000 + i)
+            try! store.put(ObjectKey("chunks", names[i]), bytes)
+        }
+        // Read-after-write in this process, before any barrier.
+        #expect(Set(try store.list("chunks")) == Set(names))
+        #expect(try store.get(ObjectKey("chunks", names[17])) == [UInt8](repeating: 17, count: 1017))
+        try store.barrier()
+        #expect(try store.listDirectory("\(dir.path)/tmp").isEmpty)
+        // Other namespaces are still synced per file and named at once.
+        try store.put(ObjectKey("snapshots", "s1"), [1])
+        #expect(FileManager.default.fileExists(atPath: "\(dir.path)/snapshots/s1"))
+    }
+
+    @Test("a group whose rename fails: the barrier names the file, its temporary is removed, later puts fail too")
+    func groupCommitFailure() throws {
+        let dir = try TempDir()
+        let store = LocalDirectoryStore(root: dir.path, syncLevel: .filesystem)
+        let name = "ab" + String(repeating: "0", count: 62)
+        try store.put(ObjectKey("chunks", name), [1, 2, 3])
+        // The group waits up to GroupCommit.maxDelay for company; take its directory away.
+        #expect(rmdir("\(dir.path)/chunks/ab") == 0)
+        #expect(throws: CairnError.self) { try store.barrier() }
+        do {
+            try store.barrier()
+        } catch let e as CairnError {
+            #expect(e.path == "\(dir.path)/chunks/ab/\(name)" && e.message.contains("rename"), "\(e)")
+        }
+        #expect(try store.listDirectory("\(dir.path)/tmp").isEmpty, "the temporary is removed")
+        #expect(throws: CairnError.self) { try store.put(ObjectKey("chunks", "cd" + String(repeating: "0", count: 62)), [4]) }
+        #expect(try store.listDirectory("\(dir.path)/tmp").isEmpty)
+    }
+
     @Test func fullDiskIsReportedAsNoSpace() throws {
         // /dev/full answers every write with ENOSPC: the error must say so and leave no temp file.
         let e = #expect(throws: CairnError.self) {
