@@ -148,7 +148,7 @@ package final class LiveBackupJob: @unchecked Sendable {
         var backupDisks: [BackupDisk] = []
         for (i, p) in plans.enumerated() {
             var contexts = ["base:allocation"]
-            if let frozen = p.frozenBitmap { contexts.append("qemu:dirty-bitmap:\(frozen)") }
+            if let frozen = p.frozenBitmap { contexts.append(NBDDirtyBitmap.contextPrefix + frozen) }
             let client = try NBDClient.connect(.unix(session.socketPath), export: session.exportNames[i], metaContexts: contexts)
             clients.append(client)
             guard client.size == p.disk.virtualSize else {
@@ -156,7 +156,7 @@ package final class LiveBackupJob: @unchecked Sendable {
             }
             var changed: [Range<UInt64>]?
             if let frozen = p.frozenBitmap {
-                changed = try client.dirtyRanges(context: "qemu:dirty-bitmap:\(frozen)")
+                changed = try client.dirtyRanges(context: NBDDirtyBitmap.contextPrefix + frozen)
                 let dirty = changed!.reduce(UInt64(0)) { $0 + ($1.upperBound - $1.lowerBound) }
                 plans[i].note = (plans[i].note.map { $0 + "; " } ?? "") + "\(frozen) marks \(ByteCount.format(dirty)) changed"
             }

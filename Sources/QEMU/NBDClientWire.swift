@@ -1,93 +1,21 @@
 // The bytes of the NBD protocol as the client sees them (NetworkBlockDevice/nbd `doc/proto.md`):
-// numbers, pure decoders that never trap on what a server sends, and the socket primitives with
-// poll-based timeouts. `NBDClient.swift` holds the handshake, the reply reader and the API.
+// sizes and limits, pure decoders that never trap on what a server sends (the protocol's
+// numbers are CairnCore/NBDNumbers.swift, shared with the server; the socket primitives with
+// poll-based timeouts are NBDClientSocket.swift). NBDClient.swift holds the API, NBDClientHandshake.swift
+// and NBDClientConnection.swift the two phases.
 import CairnCore
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// Every number of the protocol the client uses, in one place. Big-endian on the wire.
+/// What the client needs beyond the protocol's numbers (CairnCore/NBDNumbers.swift, shared with
+/// the server): header sizes, the limits it applies to what a server sends, and names for
+/// messages. Big-endian on the wire.
 enum NBDWire {
-    /// "NBDMAGIC", the first 8 bytes from the server.
-    static let initPassword: UInt64 = 0x4E42_444D_4147_4943
-    /// "IHAVEOPT": newstyle negotiation, and the prefix of every client option.
-    static let optionMagic: UInt64 = 0x4948_4156_454F_5054
-    /// The second word of an oldstyle greeting (not supported).
-    static let oldstyleMagic: UInt64 = 0x0000_4202_8186_1253
-    /// Prefix of every option reply.
-    static let optionReplyMagic: UInt64 = 0x0003_E889_0455_65A9
-    /// Prefix of a request (28-byte header).
-    static let requestMagic: UInt32 = 0x2560_9513
-    /// Prefix of a simple reply (16-byte header).
-    static let simpleReplyMagic: UInt32 = 0x6744_6698
-    /// Prefix of a structured reply chunk (20-byte header).
-    static let structuredReplyMagic: UInt32 = 0x668E_33EF
-
     static let requestHeaderSize = 28
     static let simpleHeaderSize = 16
     static let chunkHeaderSize = 20
     static let optionReplyHeaderSize = 20
-
-    // Handshake flags (server, 16 bits) and client flags (32 bits).
-    static let flagFixedNewstyle: UInt16 = 1 << 0
-    static let flagNoZeroes: UInt16 = 1 << 1
-    static let clientFixedNewstyle: UInt32 = 1 << 0
-    static let clientNoZeroes: UInt32 = 1 << 1
-
-    // Transmission flags.
-    static let transmissionReadOnly: UInt16 = 1 << 1
-
-    // Options (`NBD_OPT_*`).
-    static let optExportName: UInt32 = 1
-    static let optAbort: UInt32 = 2
-    static let optList: UInt32 = 3
-    static let optGo: UInt32 = 7
-    static let optStructuredReply: UInt32 = 8
-    static let optSetMetaContext: UInt32 = 10
-
-    // Option replies (`NBD_REP_*`); errors have bit 31 set.
-    static let repAck: UInt32 = 1
-    static let repServer: UInt32 = 2
-    static let repInfo: UInt32 = 3
-    static let repMetaContext: UInt32 = 4
-    static let repErrorBit: UInt32 = 1 << 31
-    static let repErrUnsupported: UInt32 = repErrorBit | 1
-    static let repErrPolicy: UInt32 = repErrorBit | 2
-    static let repErrInvalid: UInt32 = repErrorBit | 3
-    static let repErrPlatform: UInt32 = repErrorBit | 4
-    static let repErrTLSRequired: UInt32 = repErrorBit | 5
-    static let repErrUnknown: UInt32 = repErrorBit | 6
-    static let repErrShutdown: UInt32 = repErrorBit | 7
-    static let repErrBlockSizeRequired: UInt32 = repErrorBit | 8
-    static let repErrTooBig: UInt32 = repErrorBit | 9
-
-    // Information items of `NBD_REP_INFO`.
-    static let infoExport: UInt16 = 0
-    static let infoBlockSize: UInt16 = 3
-
-    // Commands.
-    static let cmdRead: UInt16 = 0
-    static let cmdDisconnect: UInt16 = 2
-    static let cmdBlockStatus: UInt16 = 7
-
-    // Structured reply chunks.
-    static let replyFlagDone: UInt16 = 1 << 0
-    static let chunkNone: UInt16 = 0
-    static let chunkOffsetData: UInt16 = 1
-    static let chunkOffsetHole: UInt16 = 2
-    static let chunkBlockStatus: UInt16 = 5
-    static let chunkErrorBit: UInt16 = 1 << 15
-    static let chunkError: UInt16 = chunkErrorBit | 1
-    static let chunkErrorOffset: UInt16 = chunkErrorBit | 2
-
-    // Error values of replies.
-    static let errShutdown: UInt32 = 108
-
-    // Meta contexts: `base:allocation` bits and QEMU's `qemu:dirty-bitmap:NAME` bit.
-    static let baseAllocation = "base:allocation"
-    static let stateHole: UInt32 = 1 << 0
-    static let stateZero: UInt32 = 1 << 1
-    static let stateDirty: UInt32 = 1 << 0
 
     // Limits the client applies to what a server sends (none is reached by a sane server).
     /// Largest option reply payload accepted during the handshake.
@@ -133,19 +61,19 @@ enum NBDWire {
     /// The name of an option reply type, for messages.
     static func optionReplyName(_ type: UInt32) -> String {
         switch type {
-        case repAck: "NBD_REP_ACK"
-        case repServer: "NBD_REP_SERVER"
-        case repInfo: "NBD_REP_INFO"
-        case repMetaContext: "NBD_REP_META_CONTEXT"
-        case repErrUnsupported: "NBD_REP_ERR_UNSUP"
-        case repErrPolicy: "NBD_REP_ERR_POLICY"
-        case repErrInvalid: "NBD_REP_ERR_INVALID"
-        case repErrPlatform: "NBD_REP_ERR_PLATFORM"
-        case repErrTLSRequired: "NBD_REP_ERR_TLS_REQD"
-        case repErrUnknown: "NBD_REP_ERR_UNKNOWN"
-        case repErrShutdown: "NBD_REP_ERR_SHUTDOWN"
-        case repErrBlockSizeRequired: "NBD_REP_ERR_BLOCK_SIZE_REQD"
-        case repErrTooBig: "NBD_REP_ERR_TOO_BIG"
+        case NBDOptionReply.ack: "NBD_REP_ACK"
+        case NBDOptionReply.server: "NBD_REP_SERVER"
+        case NBDOptionReply.info: "NBD_REP_INFO"
+        case NBDOptionReply.metaContext: "NBD_REP_META_CONTEXT"
+        case NBDOptionReply.errUnsupported: "NBD_REP_ERR_UNSUP"
+        case NBDOptionReply.errPolicy: "NBD_REP_ERR_POLICY"
+        case NBDOptionReply.errInvalid: "NBD_REP_ERR_INVALID"
+        case NBDOptionReply.errPlatform: "NBD_REP_ERR_PLATFORM"
+        case NBDOptionReply.errTLSRequired: "NBD_REP_ERR_TLS_REQD"
+        case NBDOptionReply.errUnknown: "NBD_REP_ERR_UNKNOWN"
+        case NBDOptionReply.errShutdown: "NBD_REP_ERR_SHUTDOWN"
+        case NBDOptionReply.errBlockSizeRequired: "NBD_REP_ERR_BLOCK_SIZE_REQD"
+        case NBDOptionReply.errTooBig: "NBD_REP_ERR_TOO_BIG"
         default: "reply type 0x\(String(type, radix: 16))"
         }
     }
@@ -202,7 +130,7 @@ enum NBDEncode {
     static func option(_ option: UInt32, _ data: [UInt8] = []) -> [UInt8] {
         var b: [UInt8] = []
         b.reserveCapacity(16 + data.count)
-        b.appendBE(NBDWire.optionMagic)
+        b.appendBE(NBDMagic.option)
         b.appendBE(option)
         b.appendBE(UInt32(data.count))
         b += data
@@ -234,7 +162,7 @@ enum NBDEncode {
 
     /// A request header (no payload: the client never writes).
     static func request(into b: inout [UInt8], type: UInt16, flags: UInt16 = 0, cookie: UInt64, offset: UInt64, length: UInt32) {
-        b.appendBE(NBDWire.requestMagic)
+        b.appendBE(NBDMagic.request)
         b.appendBE(flags)
         b.appendBE(type)
         b.appendBE(cookie)
@@ -258,7 +186,7 @@ struct NBDOptionReplyHeader: Equatable {
     var type: UInt32
     var length: UInt32
 
-    var isError: Bool { type & NBDWire.repErrorBit != 0 }
+    var isError: Bool { type & NBDOptionReply.errorBit != 0 }
 
     /// Decodes 20 bytes; checks the magic and that the reply is to `option`.
     static func decode(_ bytes: [UInt8], expecting option: UInt32) -> Result<NBDOptionReplyHeader, NBDViolation> {
@@ -266,7 +194,7 @@ struct NBDOptionReplyHeader: Equatable {
         guard let magic = r.u64(), let opt = r.u32(), let type = r.u32(), let length = r.u32() else {
             return .failure(NBDViolation("an option reply header shorter than 20 bytes"))
         }
-        guard magic == NBDWire.optionReplyMagic else {
+        guard magic == NBDMagic.optionReply else {
             return .failure(NBDViolation("an option reply with magic 0x\(String(magic, radix: 16)) instead of 0x3e889045565a9"))
         }
         guard opt == option else {
@@ -290,12 +218,12 @@ enum NBDInfoItem: Equatable {
         var r = NBDByteReader(payload)
         guard let type = r.u16() else { return .failure(NBDViolation("an NBD_REP_INFO reply shorter than 2 bytes")) }
         switch type {
-        case NBDWire.infoExport:
+        case NBDInfo.export:
             guard payload.count == 12, let size = r.u64(), let flags = r.u16() else {
                 return .failure(NBDViolation("an NBD_INFO_EXPORT item of \(payload.count) bytes (12 expected)"))
             }
             return .success(.export(size: size, flags: flags))
-        case NBDWire.infoBlockSize:
+        case NBDInfo.blockSize:
             guard payload.count == 14, let minimum = r.u32(), let preferred = r.u32(), let maximum = r.u32() else {
                 return .failure(NBDViolation("an NBD_INFO_BLOCK_SIZE item of \(payload.count) bytes (14 expected)"))
             }
@@ -351,10 +279,10 @@ enum NBDReplyHeader: Equatable {
         var r = NBDByteReader(bytes)
         guard let magic = r.u32() else { return .failure(NBDViolation("a reply header shorter than 4 bytes")) }
         switch magic {
-        case NBDWire.simpleReplyMagic:
+        case NBDMagic.simpleReply:
             guard let error = r.u32(), let cookie = r.u64() else { return .failure(NBDViolation("a simple reply header shorter than 16 bytes")) }
             return .success(.simple(error: error, cookie: cookie))
-        case NBDWire.structuredReplyMagic:
+        case NBDMagic.structuredReply:
             guard bytes.count >= NBDWire.chunkHeaderSize else { return .success(.needMore) }
             guard let flags = r.u16(), let type = r.u16(), let cookie = r.u64(), let length = r.u32() else {
                 return .failure(NBDViolation("a structured reply header shorter than 20 bytes"))
@@ -384,16 +312,16 @@ enum NBDChunkPayload: Equatable {
     static func decode(type: UInt16, _ payload: [UInt8]) -> Result<NBDChunkPayload, NBDViolation> {
         var r = NBDByteReader(payload)
         switch type {
-        case NBDWire.chunkNone:
+        case NBDReplyType.none:
             guard payload.isEmpty else { return .failure(NBDViolation("an NBD_REPLY_TYPE_NONE chunk with \(payload.count) bytes of payload")) }
             return .success(.none)
-        case NBDWire.chunkOffsetHole:
+        case NBDReplyType.offsetHole:
             guard payload.count == 12, let offset = r.u64(), let length = r.u32() else {
                 return .failure(NBDViolation("an OFFSET_HOLE chunk of \(payload.count) bytes (12 expected)"))
             }
             guard length > 0 else { return .failure(NBDViolation("an OFFSET_HOLE chunk of length 0")) }
             return .success(.hole(offset: offset, length: length))
-        case NBDWire.chunkBlockStatus:
+        case NBDReplyType.blockStatus:
             guard payload.count >= 12, (payload.count - 4) % 8 == 0, let context = r.u32() else {
                 return .failure(NBDViolation("a BLOCK_STATUS chunk of \(payload.count) bytes (4 + 8n, n > 0, expected)"))
             }
@@ -405,19 +333,19 @@ enum NBDChunkPayload: Equatable {
             }
             return .success(.blockStatus(context: context, descriptors: descriptors))
         default:
-            guard type & NBDWire.chunkErrorBit != 0 else {
+            guard type & NBDReplyType.errorBit != 0 else {
                 return .failure(NBDViolation("a structured reply chunk of unknown type \(type)"))
             }
             guard let code = r.u32(), let messageLength = r.u16(), let message = r.string(Int(messageLength)) else {
                 return .failure(NBDViolation("an error chunk of \(payload.count) bytes whose message does not fit"))
             }
             var offset: UInt64?
-            if type == NBDWire.chunkErrorOffset {
+            if type == NBDReplyType.errorOffset {
                 guard r.remaining == 8, let o = r.u64() else {
                     return .failure(NBDViolation("an ERROR_OFFSET chunk without its 8-byte offset"))
                 }
                 offset = o
-            } else if type == NBDWire.chunkError, r.remaining != 0 {
+            } else if type == NBDReplyType.error, r.remaining != 0 {
                 return .failure(NBDViolation("an ERROR chunk with \(r.remaining) bytes after its message"))
             }
             // Error 0 is not allowed; report it as EIO rather than as success.
@@ -479,253 +407,5 @@ struct NBDReadAssembly: Equatable {
         delivered.replaceSubrange(removeFrom..<removeTo, with: [range])
         deliveredBytes += count
         return .success(Int(lo))
-    }
-}
-
-// MARK: - Socket
-
-/// Why the socket could not carry on.
-enum NBDSocketFailure: Error, Equatable {
-    /// The peer closed the connection (end of stream).
-    case closed
-    case timedOut(String)
-    case failed(call: String, errno: Int32)
-    /// The other side broke the protocol (raised by the reader, carried the same way).
-    case violation(String)
-
-    var reason: String {
-        switch self {
-        case .closed: "the server closed the connection"
-        case .timedOut(let what): what
-        case .failed(let call, let err): "\(call) failed: \(String(cString: strerror(err))) (errno \(err))"
-        case .violation(let what): "protocol violation by the server: \(what)"
-        }
-    }
-}
-
-/// Seconds on the monotonic clock.
-func nbdNow() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}
-
-/// Blocking-socket primitives with poll-based waits; never blocks past a deadline.
-enum NBDSocket {
-    /// Connects to `endpoint`, retrying while a unix socket does not exist yet or a server
-    /// refuses connections (still starting) until `deadline`.
-    static func connect(_ endpoint: NBDEndpoint, deadline: Double, name: String) throws -> Int32 {
-        while true {
-            let attempt: Result<Int32, NBDSocketFailure>
-            switch endpoint {
-            case .unix(let path): attempt = try connectUnix(path, deadline: deadline, name: name)
-            case .tcp(let host, let port): attempt = try connectTCP(host, port, deadline: deadline, name: name)
-            }
-            switch attempt {
-            case .success(let fd):
-                return fd
-            case .failure(let failure):
-                if case .failed(_, let err) = failure, err == ENOENT || err == ECONNREFUSED || err == EAGAIN, nbdNow() < deadline {
-                    usleep(50_000)
-                    continue
-                }
-                throw CairnError(.io, "cannot connect to the NBD server at \(endpoint): \(failure.reason)", path: name,
-                                 hint: "check that the server (qemu-nbd, qemu-storage-daemon, nbdkit) runs and listens there")
-            }
-        }
-    }
-
-    private static func connectUnix(_ path: String, deadline: Double, name: String) throws -> Result<Int32, NBDSocketFailure> {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
-        guard path.utf8.count < capacity else {
-            throw CairnError(.usage, "the NBD socket path is longer than \(capacity - 1) bytes", path: path)
-        }
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            raw.copyBytes(from: path.utf8)
-            raw[path.utf8.count] = 0
-        }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { return .failure(.failed(call: "socket", errno: errno)) }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        if rc == 0 { return .success(fd) }
-        let err = errno
-        _ = Glibc.close(fd)
-        return .failure(.failed(call: "connect", errno: err))
-    }
-
-    private static func connectTCP(_ host: String, _ port: Int, deadline: Double, name: String) throws -> Result<Int32, NBDSocketFailure> {
-        guard (1...65535).contains(port) else { throw CairnError(.usage, "NBD port \(port) is not in 1...65535", path: name) }
-        var hints = addrinfo()
-        hints.ai_family = AF_UNSPEC
-        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-        var list: UnsafeMutablePointer<addrinfo>?
-        let rc = getaddrinfo(host, String(port), &hints, &list)
-        guard rc == 0, let first = list else {
-            throw CairnError(.io, "cannot resolve the NBD host \(host): \(String(cString: gai_strerror(rc)))", path: name)
-        }
-        defer { freeaddrinfo(list) }
-        var last = NBDSocketFailure.failed(call: "connect", errno: ECONNREFUSED)
-        var entry: UnsafeMutablePointer<addrinfo>? = first
-        while let a = entry {
-            entry = a.pointee.ai_next
-            let fd = socket(a.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
-            guard fd >= 0 else {
-                last = .failed(call: "socket", errno: errno)
-                continue
-            }
-            var err: Int32 = 0
-            if Glibc.connect(fd, a.pointee.ai_addr, a.pointee.ai_addrlen) != 0 {
-                err = errno
-                if err == EINPROGRESS {
-                    if waitFor(fd, events: Int16(POLLOUT), until: deadline) {
-                        var soError: Int32 = 0
-                        var len = socklen_t(MemoryLayout<Int32>.size)
-                        err = getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &len) == 0 ? soError : errno
-                    } else {
-                        _ = Glibc.close(fd)
-                        return .failure(.timedOut("no TCP connection within the timeout"))
-                    }
-                }
-            }
-            if err == 0 {
-                _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
-                var one: Int32 = 1
-                _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-                return .success(fd)
-            }
-            _ = Glibc.close(fd)
-            last = .failed(call: "connect", errno: err)
-        }
-        return .failure(last)
-    }
-
-    /// Waits until `fd` has `events` (or an error/hang-up) or `deadline` passes; false on timeout.
-    static func waitFor(_ fd: Int32, events: Int16, until deadline: Double) -> Bool {
-        while true {
-            let left = deadline - nbdNow()
-            if left <= 0 { return false }
-            var p = pollfd(fd: fd, events: events, revents: 0)
-            let rc = poll(&p, 1, Int32(min(left * 1000 + 1, 60_000)))
-            if rc > 0 { return true }
-            if rc < 0 && errno != EINTR { return true }  // let the next call report the error
-        }
-    }
-
-    /// Sends all of `bytes`, waiting for buffer space until `deadline`.
-    static func send(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, deadline: Double) -> NBDSocketFailure? {
-        guard let base = bytes.baseAddress else { return nil }
-        var done = 0
-        while done < bytes.count {
-            let n = Glibc.send(fd, base + done, bytes.count - done, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
-            if n > 0 {
-                done += n
-                continue
-            }
-            let err = errno
-            if n < 0 && err == EINTR { continue }
-            if n < 0 && (err == EAGAIN || err == EWOULDBLOCK) {
-                if !waitFor(fd, events: Int16(POLLOUT), until: deadline) {
-                    return .timedOut("the server accepted no data within the timeout")
-                }
-                continue
-            }
-            return .failed(call: "send", errno: n < 0 ? err : EPIPE)
-        }
-        return nil
-    }
-
-    /// Fills `buffer` exactly; `wait` blocks until the socket may be readable (or throws).
-    static func receive(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, wait: () throws(NBDSocketFailure) -> Void) throws(NBDSocketFailure) {
-        guard let base = buffer.baseAddress else { return }
-        var done = 0
-        while done < buffer.count {
-            let n = recv(fd, base + done, buffer.count - done, Int32(MSG_DONTWAIT))
-            if n > 0 {
-                done += n
-                continue
-            }
-            if n == 0 { throw .closed }
-            let err = errno
-            if err == EINTR { continue }
-            if err == EAGAIN || err == EWOULDBLOCK {
-                try wait()
-                continue
-            }
-            throw .failed(call: "recv", errno: err)
-        }
-    }
-}
-
-/// Buffered reads from the socket for the reply reader: headers and small payloads come from
-/// a buffer; large payloads go straight into the caller's memory.
-struct NBDReceiver: ~Copyable {
-    let fd: Int32
-    private let storage: UnsafeMutableRawBufferPointer
-    private var start = 0
-    private var end = 0
-    private let wait: () throws(NBDSocketFailure) -> Void
-
-    init(fd: Int32, capacity: Int = 256 << 10, wait: @escaping () throws(NBDSocketFailure) -> Void) {
-        self.fd = fd
-        storage = .allocate(byteCount: capacity, alignment: 16)
-        self.wait = wait
-    }
-
-    deinit { storage.deallocate() }
-
-    /// Fills `dst` exactly.
-    mutating func read(into dst: UnsafeMutableRawBufferPointer) throws(NBDSocketFailure) {
-        var done = 0
-        while done < dst.count {
-            if start < end {
-                let n = min(end - start, dst.count - done)
-                UnsafeMutableRawBufferPointer(rebasing: dst[done..<done + n])
-                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: storage[start..<start + n]))
-                start += n
-                done += n
-                continue
-            }
-            let left = dst.count - done
-            if left >= storage.count / 2 {
-                try NBDSocket.receive(fd, into: UnsafeMutableRawBufferPointer(rebasing: dst[done...]), wait: wait)
-                return
-            }
-            try refill()
-        }
-    }
-
-    mutating func bytes(_ count: Int) throws(NBDSocketFailure) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: count)
-        var failure: NBDSocketFailure?
-        out.withUnsafeMutableBytes { buf in
-            do throws(NBDSocketFailure) { try read(into: buf) } catch { failure = error }
-        }
-        if let failure { throw failure }
-        return out
-    }
-
-    private mutating func refill() throws(NBDSocketFailure) {
-        start = 0
-        end = 0
-        guard let base = storage.baseAddress else { return }
-        while true {
-            let n = recv(fd, base, storage.count, Int32(MSG_DONTWAIT))
-            if n > 0 {
-                end = n
-                return
-            }
-            if n == 0 { throw .closed }
-            let err = errno
-            if err == EINTR { continue }
-            if err == EAGAIN || err == EWOULDBLOCK {
-                try wait()
-                continue
-            }
-            throw .failed(call: "recv", errno: err)
-        }
     }
 }

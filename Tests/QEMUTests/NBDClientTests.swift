@@ -207,8 +207,8 @@ final class FakeNBDServer: @unchecked Sendable {
 
     static func chunk(_ cookie: UInt64, type: UInt16, done: Bool = false, flags: UInt16 = 0, _ payload: [UInt8]) -> [UInt8] {
         var b: [UInt8] = []
-        b.appendBE(NBDWire.structuredReplyMagic)
-        b.appendBE(flags | (done ? NBDWire.replyFlagDone : 0))
+        b.appendBE(NBDMagic.structuredReply)
+        b.appendBE(flags | (done ? NBDReplyType.flagDone : 0))
         b.appendBE(type)
         b.appendBE(cookie)
         b.appendBE(UInt32(payload.count))
@@ -218,14 +218,14 @@ final class FakeNBDServer: @unchecked Sendable {
     static func data(_ cookie: UInt64, at offset: UInt64, _ count: Int, done: Bool = false) -> [UInt8] {
         var p: [UInt8] = []
         p.appendBE(offset)
-        return chunk(cookie, type: NBDWire.chunkOffsetData, done: done, p + bytes(offset, count))
+        return chunk(cookie, type: NBDReplyType.offsetData, done: done, p + bytes(offset, count))
     }
 
     static func hole(_ cookie: UInt64, at offset: UInt64, _ count: UInt32, done: Bool = false) -> [UInt8] {
         var p: [UInt8] = []
         p.appendBE(offset)
         p.appendBE(count)
-        return chunk(cookie, type: NBDWire.chunkOffsetHole, done: done, p)
+        return chunk(cookie, type: NBDReplyType.offsetHole, done: done, p)
     }
 
     static func status(_ cookie: UInt64, context: UInt32, _ descriptors: [(UInt32, UInt32)], done: Bool = true) -> [UInt8] {
@@ -235,7 +235,7 @@ final class FakeNBDServer: @unchecked Sendable {
             p.appendBE(l)
             p.appendBE(f)
         }
-        return chunk(cookie, type: NBDWire.chunkBlockStatus, done: done, p)
+        return chunk(cookie, type: NBDReplyType.blockStatus, done: done, p)
     }
 
     static func error(_ cookie: UInt64, code: UInt32, _ message: String, offset: UInt64? = nil, done: Bool = true) -> [UInt8] {
@@ -244,12 +244,12 @@ final class FakeNBDServer: @unchecked Sendable {
         p.appendBE(UInt16(message.utf8.count))
         p += Array(message.utf8)
         if let offset { p.appendBE(offset) }
-        return chunk(cookie, type: offset == nil ? NBDWire.chunkError : NBDWire.chunkErrorOffset, done: done, p)
+        return chunk(cookie, type: offset == nil ? NBDReplyType.error : NBDReplyType.errorOffset, done: done, p)
     }
 
     static func simple(_ cookie: UInt64, error: UInt32 = 0, _ data: [UInt8] = []) -> [UInt8] {
         var b: [UInt8] = []
-        b.appendBE(NBDWire.simpleReplyMagic)
+        b.appendBE(NBDMagic.simpleReply)
         b.appendBE(error)
         b.appendBE(cookie)
         return b + data
@@ -257,7 +257,7 @@ final class FakeNBDServer: @unchecked Sendable {
 
     /// Correct answers: one data chunk per read, one all-data descriptor per context.
     static func good(_ r: Request) -> [UInt8]? {
-        if r.type == NBDWire.cmdRead { return data(r.cookie, at: r.offset, Int(r.length), done: true) }
+        if r.type == NBDCommand.read { return data(r.cookie, at: r.offset, Int(r.length), done: true) }
         return status(r.cookie, context: 1, [(r.length, 0)])
     }
 
@@ -278,20 +278,20 @@ final class FakeNBDServer: @unchecked Sendable {
         }
         func reply(_ option: UInt32, _ type: UInt32, _ data: [UInt8] = []) {
             var b: [UInt8] = []
-            b.appendBE(NBDWire.optionReplyMagic)
+            b.appendBE(NBDMagic.optionReply)
             b.appendBE(option)
             b.appendBE(type)
             b.appendBE(UInt32(data.count))
             put(b + data)
         }
         var hello: [UInt8] = []
-        hello.appendBE(NBDWire.initPassword)
-        hello.appendBE(NBDWire.optionMagic)
-        hello.appendBE((config.fixedNewstyle ? NBDWire.flagFixedNewstyle : 0) | NBDWire.flagNoZeroes)
+        hello.appendBE(NBDMagic.server)
+        hello.appendBE(NBDMagic.option)
+        hello.appendBE((config.fixedNewstyle ? NBDHandshakeFlag.fixedNewstyle : 0) | NBDHandshakeFlag.noZeroes)
         put(hello)
         guard let cf = take(4) else { return }
         let noZeroes = cf[3] & 2 != 0
-        let exportFlags: UInt16 = 1 | NBDWire.transmissionReadOnly
+        let exportFlags: UInt16 = 1 | NBDTransmissionFlag.readOnly
         negotiation: while true {
             guard let h = take(16) else { return }
             var r = NBDByteReader(h)
@@ -300,7 +300,7 @@ final class FakeNBDServer: @unchecked Sendable {
             let length = Int(r.u32() ?? 0)
             guard let data = take(length) else { return }
             switch option {
-            case NBDWire.optExportName:
+            case NBDOption.exportName:
                 guard data == Array("disk".utf8) else { return }  // the option cannot fail: hang up
                 var b: [UInt8] = []
                 b.appendBE(config.size)
@@ -308,9 +308,9 @@ final class FakeNBDServer: @unchecked Sendable {
                 if !noZeroes { b += [UInt8](repeating: 0, count: 124) }
                 put(b)
                 break negotiation
-            case NBDWire.optStructuredReply where config.fixedNewstyle:
-                reply(option, config.structured ? NBDWire.repAck : NBDWire.repErrUnsupported)
-            case NBDWire.optSetMetaContext where config.fixedNewstyle:
+            case NBDOption.structuredReply where config.fixedNewstyle:
+                reply(option, config.structured ? NBDOptionReply.ack : NBDOptionReply.errUnsupported)
+            case NBDOption.setMetaContext where config.fixedNewstyle:
                 var d = NBDByteReader(data)
                 let nameLength = Int(d.u32() ?? 0)
                 _ = d.bytes(nameLength)
@@ -321,50 +321,50 @@ final class FakeNBDServer: @unchecked Sendable {
                     if let id = config.contexts[q] {
                         var p: [UInt8] = []
                         p.appendBE(id)
-                        reply(option, NBDWire.repMetaContext, p + Array(q.utf8))
+                        reply(option, NBDOptionReply.metaContext, p + Array(q.utf8))
                     }
                 }
-                reply(option, NBDWire.repAck)
-            case NBDWire.optGo where config.fixedNewstyle && config.go:
+                reply(option, NBDOptionReply.ack)
+            case NBDOption.go where config.fixedNewstyle && config.go:
                 var d = NBDByteReader(data)
                 let name = d.string(Int(d.u32() ?? 0)) ?? ""
                 guard name == "disk" else {
-                    reply(option, NBDWire.repErrUnknown, Array("no such export".utf8))
+                    reply(option, NBDOptionReply.errUnknown, Array("no such export".utf8))
                     continue
                 }
                 var info: [UInt8] = []
-                info.appendBE(NBDWire.infoExport)
+                info.appendBE(NBDInfo.export)
                 info.appendBE(config.size)
                 info.appendBE(exportFlags)
-                reply(option, NBDWire.repInfo, info)
+                reply(option, NBDOptionReply.info, info)
                 if let (a, b, m) = config.blockSize {
                     var bs: [UInt8] = []
-                    bs.appendBE(NBDWire.infoBlockSize)
+                    bs.appendBE(NBDInfo.blockSize)
                     bs.appendBE(a)
                     bs.appendBE(b)
                     bs.appendBE(m)
-                    reply(option, NBDWire.repInfo, bs)
+                    reply(option, NBDOptionReply.info, bs)
                 }
-                reply(option, NBDWire.repAck)
+                reply(option, NBDOptionReply.ack)
                 break negotiation
-            case NBDWire.optList where config.fixedNewstyle:
+            case NBDOption.list where config.fixedNewstyle:
                 var p: [UInt8] = []
                 p.appendBE(UInt32(4))
-                reply(option, NBDWire.repServer, p + Array("disk".utf8))
-                reply(option, NBDWire.repAck)
-            case NBDWire.optAbort:
-                reply(option, NBDWire.repAck)
+                reply(option, NBDOptionReply.server, p + Array("disk".utf8))
+                reply(option, NBDOptionReply.ack)
+            case NBDOption.abort:
+                reply(option, NBDOptionReply.ack)
                 return
             default:
                 guard config.fixedNewstyle else { return }
-                reply(option, NBDWire.repErrUnsupported)
+                reply(option, NBDOptionReply.errUnsupported)
             }
         }
         while let h = take(NBDWire.requestHeaderSize) {
             var r = NBDByteReader(h)
             _ = r.u32()
             let request = Request(flags: r.u16() ?? 0, type: r.u16() ?? 0, cookie: r.u64() ?? 0, offset: r.u64() ?? 0, length: r.u32() ?? 0)
-            if request.type == NBDWire.cmdDisconnect { return }
+            if request.type == NBDCommand.disconnect { return }
             seen.withLock { $0.append(request) }
             guard let answer = respond(request) else { return }
             put(answer)
@@ -790,7 +790,7 @@ struct NBDClientScriptedTests {
             if r.offset == 16384 { return FakeNBDServer.error(c, code: 12345, "") }
             // Out of order: the tail first, then a hole, then the head, then NONE+DONE.
             return FakeNBDServer.data(c, at: o + 3000, Int(r.length) - 3000) + FakeNBDServer.hole(c, at: o + 1000, 2000)
-                + FakeNBDServer.data(c, at: o, 1000) + FakeNBDServer.chunk(c, type: NBDWire.chunkNone, done: true, [])
+                + FakeNBDServer.data(c, at: o, 1000) + FakeNBDServer.chunk(c, type: NBDReplyType.none, done: true, [])
         }
         let c = try NBDClient.connect(server.endpoint, export: "disk", timeout: 5)
         defer { c.close() }
@@ -812,7 +812,7 @@ struct NBDClientScriptedTests {
         config.contexts = ["base:allocation": 7, "qemu:dirty-bitmap:b": 9]
         config.size = 1 << 20
         let server = try FakeNBDServer(dir, config) { r in
-            guard r.type == NBDWire.cmdBlockStatus else { return FakeNBDServer.good(r) }
+            guard r.type == NBDCommand.blockStatus else { return FakeNBDServer.good(r) }
             // At most 4 KiB per answer, flags by offset; a short request gets a descriptor past its end.
             let f: UInt32 = [0, 2, 3, 1][Int(r.offset / 4096 % 4)]
             return FakeNBDServer.status(r.cookie, context: 9, [(4096, r.offset / 4096 % 2 == 0 ? 1 : 0)], done: false)
@@ -835,8 +835,8 @@ struct NBDClientScriptedTests {
         config.size = UInt64.max
         config.blockSize = (4096, 4096, 65536)
         let server = try FakeNBDServer(dir, config) { r in
-            guard r.type == NBDWire.cmdBlockStatus else { return FakeNBDServer.good(r) }
-            return FakeNBDServer.status(r.cookie, context: 1, [(UInt32.max, NBDWire.stateHole | NBDWire.stateZero)])
+            guard r.type == NBDCommand.blockStatus else { return FakeNBDServer.good(r) }
+            return FakeNBDServer.status(r.cookie, context: 1, [(UInt32.max, NBDAllocation.hole | NBDAllocation.zero)])
         }
         let c = try NBDClient.connect(server.endpoint, export: "disk", timeout: 5)
         defer { c.close() }
@@ -882,12 +882,12 @@ struct NBDClientScriptedTests {
             case "magic": return [UInt8](repeating: 0xAB, count: 32)
             case "type": return FakeNBDServer.chunk(c, type: 42, done: true, [1, 2, 3])
             case "emptyHole": return FakeNBDServer.hole(c, at: o, 0, done: true)
-            case "emptyData": return FakeNBDServer.chunk(c, type: NBDWire.chunkOffsetData, done: true, [0, 0, 0, 0, 0, 0, 0, 0])
-            case "errorMessage": return FakeNBDServer.chunk(c, type: NBDWire.chunkError, done: true, [0, 0, 0, 5, 0xFF, 0xFF, 65])
-            case "hugeStatus": return Array(FakeNBDServer.chunk(c, type: NBDWire.chunkBlockStatus, done: true, []).prefix(16)) + [0xFF, 0xFF, 0xFF, 0xFF]
+            case "emptyData": return FakeNBDServer.chunk(c, type: NBDReplyType.offsetData, done: true, [0, 0, 0, 0, 0, 0, 0, 0])
+            case "errorMessage": return FakeNBDServer.chunk(c, type: NBDReplyType.error, done: true, [0, 0, 0, 5, 0xFF, 0xFF, 65])
+            case "hugeStatus": return Array(FakeNBDServer.chunk(c, type: NBDReplyType.blockStatus, done: true, []).prefix(16)) + [0xFF, 0xFF, 0xFF, 0xFF]
             case "simpleData": return FakeNBDServer.simple(c, FakeNBDServer.bytes(o, Int(r.length)))
             case "statusInRead": return FakeNBDServer.status(c, context: 1, [(4096, 0)])
-            case "noneWithoutDone": return FakeNBDServer.chunk(c, type: NBDWire.chunkNone, [])
+            case "noneWithoutDone": return FakeNBDServer.chunk(c, type: NBDReplyType.none, [])
             default: return FakeNBDServer.status(c, context: 77, [(4096, 0)])
             }
         }
@@ -969,7 +969,7 @@ struct NBDClientWireTests {
     @Test("headers and payloads decode to what was encoded")
     func roundTrips() {
         var simple: [UInt8] = []
-        simple.appendBE(NBDWire.simpleReplyMagic)
+        simple.appendBE(NBDMagic.simpleReply)
         simple.appendBE(UInt32(22))
         simple.appendBE(UInt64(0x0102_0304_0506_0708))
         #expect(NBDReplyHeader.decode(simple) == .success(.simple(error: 22, cookie: 0x0102_0304_0506_0708)))
@@ -977,7 +977,7 @@ struct NBDClientWireTests {
         #expect(NBDReplyHeader.decode(Array(chunk.prefix(16))) == .success(.needMore))
         #expect(NBDReplyHeader.decode(Array(chunk.prefix(20))) == .success(.chunk(flags: 1, type: 5, cookie: 9, length: 3)))
         let err = FakeNBDServer.error(1, code: 5, "bad", offset: 77)
-        #expect(NBDChunkPayload.decode(type: NBDWire.chunkErrorOffset, Array(err.dropFirst(20))) == .success(.error(code: 5, message: "bad", offset: 77)))
+        #expect(NBDChunkPayload.decode(type: NBDReplyType.errorOffset, Array(err.dropFirst(20))) == .success(.error(code: 5, message: "bad", offset: 77)))
         let st = FakeNBDServer.status(1, context: 3, [(512, 1), (1024, 3)])
         #expect(NBDChunkPayload.decode(type: 5, Array(st.dropFirst(20)))
                 == .success(.blockStatus(context: 3, descriptors: [NBDDescriptor(length: 512, flags: 1), NBDDescriptor(length: 1024, flags: 3)])))
