@@ -115,8 +115,8 @@ struct InstantRestore: ParsableCommand {
     @Argument(help: "Snapshot (id, prefix or 'latest').")
     var snapshot: String
 
-    @Option(help: "Guest memory in MiB.")
-    var memory = 1024
+    @Option(help: "Guest memory in MiB (default: what a live backup recorded, else 1024).")
+    var memory: Int?
 
     @Option(help: "kvm or tcg (default: kvm when /dev/kvm is usable, else tcg).")
     var accel: String?
@@ -210,15 +210,18 @@ struct InstantRestore: ParsableCommand {
         guard ["kvm", "tcg"].contains(accelerator) else { throw CairnError(.usage, "--accel must be kvm or tcg") }
         let serialLog = (overlayDir as NSString).appendingPathComponent("\(snap.id.short).serial.log")
         let qmp = (overlayDir as NSString).appendingPathComponent("\(snap.id.short).qmp.sock")
-        var args = ["-accel", accelerator, "-machine", "q35", "-m", "\(memory)", "-nodefaults", "-display", "none",
-                    "-qmp", "unix:\(qmp),server=on,wait=off"]
+        // The machine a live backup recorded (family, CPUs, memory); q35 with 1 GiB otherwise.
+        let shape = VMShape(vmConfig: snap.manifest.vmConfig)
+        var args = ["-accel", accelerator] + shape.qemuArguments(memoryOverride: memory)
+        args += ["-nodefaults", "-display", "none", "-qmp", "unix:\(qmp),server=on,wait=off"]
         args += console ? ["-serial", "mon:stdio"] : ["-serial", "file:\(serialLog)"]
         args += noNetwork ? ["-nic", "none"] : ["-nic", "user,model=virtio-net-pci"]
         for (i, d) in set.descriptions.enumerated() {
             args += ["-blockdev", "driver=nbd,node-name=disk\(i),server.type=unix,server.path=\(socket),export=\(d.name)",
                      "-device", "virtio-blk-pci,drive=disk\(i)" + (i == 0 ? ",bootindex=0" : "")]
         }
-        printError("cairn: booting snapshot \(snap.id.short) (\(snap.manifest.vm), \(snap.manifest.time)) with \(accelerator)")
+        printError("cairn: booting snapshot \(snap.id.short) (\(snap.manifest.vm), \(snap.manifest.time)) with \(accelerator)"
+                   + (shape.isEmpty ? "" : "; recorded VM: \(shape.summary)" + (memory != nil && shape.memoryMiB != nil ? " (--memory \(memory!) MiB used)" : "")))
         printError("cairn: disks served from \(socket); QMP at \(qmp)" + (console ? "" : "; serial console in \(serialLog)"))
         for d in set.descriptions { printError("cairn: disk \(d.disk): writes go to \(d.overlay ?? "?")") }
         let p = Process()

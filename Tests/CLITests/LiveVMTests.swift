@@ -145,6 +145,20 @@ import Glibc
         #expect((config["cmdline"] as? [String])?.first?.hasSuffix("qemu-system-x86_64") == true, "\(config)")
         #expect((config["memory"] as? Int) == 256 * MiB, "\(config)")
         #expect(((config["disks"] as? [[String: Any]])?.first?["name"] as? String) == "vda", "\(config)")
+        // An instant restore of that snapshot starts the same machine: q35, 256 MiB, one CPU
+        // (a stand-in for QEMU records the arguments it was started with, then exits).
+        let fakeQEMU = env.file("fake-qemu.sh")
+        let argsFile = env.file("fake-qemu.args")
+        try "#!/bin/sh\nprintf '%s\\n' \"$@\" > '\(argsFile)'\n".write(toFile: fakeQEMU, atomically: true, encoding: .utf8)
+        #expect(chmod(fakeQEMU, 0o755) == 0)
+        let instant = try env.expect(0, ["instant-restore", "latest", "--vm", "tiny", "--accel", "tcg", "--no-network",
+                                         "--overlay-dir", env.file("overlays"), "--discard-overlay", "--qemu", fakeQEMU])
+        #expect(instant.stderr.contains("recorded VM: 1 CPU, 256 MiB, q35"), "\(instant.stderr)")
+        let qemuArgs = try String(contentsOfFile: argsFile, encoding: .utf8).split(separator: "\n").map(String.init)
+        let machine = qemuArgs.firstIndex(of: "-machine").map { qemuArgs[$0 + 1] }
+        let memory = qemuArgs.firstIndex(of: "-m").map { qemuArgs[$0 + 1] }
+        let cpus = qemuArgs.firstIndex(of: "-smp").map { qemuArgs[$0 + 1] }
+        #expect(machine == "q35" && memory == "256" && cpus == "1", "\(qemuArgs)")
         let snaps = try env.expect(0, ["snapshots"]).stdout
         #expect(snaps.contains("application") && snaps.contains("cbt"), "\(snaps)")
     }
