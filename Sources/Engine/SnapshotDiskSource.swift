@@ -19,6 +19,22 @@ package final class SnapshotDiskSource: BlockSource, @unchecked Sendable {
     private let cacheLimit: Int
     private let readAhead: Int
     private let state: Mutex<Cache>
+    /// Codecs and read buffers of finished fetches, for the next ones: a fresh codec per chunk
+    /// set up zstd contexts and grew its buffers again on every fetch.
+    private let kits = Mutex<[FetchKit]>([])
+
+    /// What one fetch needs; used by one fetch at a time (taken from and returned to `kits`).
+    private final class FetchKit: @unchecked Sendable {
+        let codec: ObjectCodec
+        var scratch: UnsafeMutableRawBufferPointer
+
+        init(codec: ObjectCodec, chunkSize: Int) {
+            self.codec = codec
+            scratch = .allocate(byteCount: chunkSize + 4096, alignment: 64)
+        }
+
+        deinit { scratch.deallocate() }
+    }
 
     /// A fetch in progress that other readers of the same chunk wait for.
     private final class Pending: @unchecked Sendable {
@@ -137,13 +153,13 @@ package final class SnapshotDiskSource: BlockSource, @unchecked Sendable {
     private func fetch(_ i: Int) throws -> [UInt8] {
         let len = index.length(ofChunk: i)
         var bytes = [UInt8](repeating: 0, count: len)
-        var scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: index.chunkSize + 4096, alignment: 64)
-        defer { scratch.deallocate() }
+        let kit = kits.withLock { $0.popLast() } ?? FetchKit(codec: repository.makeCodec(), chunkSize: index.chunkSize)
+        defer { kits.withLock { $0.append(kit) } }
         let id = index.entries[i]
         let n: Int
         do {
             n = try bytes.withUnsafeMutableBytes { out in
-                try repository.loadChunk(id, codec: repository.makeCodec(), scratch: &scratch, into: out)
+                try repository.loadChunk(id, codec: kit.codec, scratch: &kit.scratch, into: out)
             }
         } catch var e as CairnError {
             e.message = "reading \(name) at offset \(UInt64(i) * UInt64(index.chunkSize)): " + e.message
