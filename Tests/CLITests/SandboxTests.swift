@@ -54,6 +54,12 @@ struct SandboxEnv {
     let id: String
     var short: String { String(id.prefix(8)) }
 
+    /// A repository already holding the snapshot `id`.
+    init(env: CLIEnv, id: String) {
+        self.env = env
+        self.id = id
+    }
+
     init(_ name: String, switches: String = "", corruptKernel: Bool = false) throws {
         env = try CLIEnv("sandbox-\(name)")
         let image = try SandboxVM.variant(in: env.dir.path, name: name, switches: switches, corruptKernel: corruptKernel)
@@ -391,6 +397,22 @@ struct SandboxTests {
         #expect(r4.status == 3, "\(r4)")
         #expect((result4["reason"] as? String ?? "").contains("powered off before the heartbeat"), "\(result4)")
         try plain.expectTornDown(wd4)
+    }
+
+    @Test("heartbeat by the real qemu-ga: a backup of the agent VM (boot-agent.raw) answers guest-ping in the sandbox",
+          .timeLimit(.minutes(10)))
+    func realGuestAgentHeartbeat() throws {
+        _ = try BootVM.disk()   // builds boot-agent.raw beside the other images (shared cache)
+        let env = try CLIEnv("sandbox-qga")
+        try env.expect(0, ["init", "--encryption", "none"])
+        try env.expect(0, ["backup", "--vm", "agent", "vda=\(BootVM.directory)/boot-agent.raw"])
+        let id = try #require(try env.snapshots().first?.string("id"))
+        let s = SandboxEnv(env: env, id: id)
+        let wd = s.workDir()
+        let (r, result) = try s.check(["--accel", "tcg", "--memory", "256", "--heartbeat-agent", "--boot-timeout", "90"], workDir: wd, timeout: 240)
+        #expect(r.status == 0 && result["passed"] as? Bool == true, "\(r)")
+        #expect((result["reason"] as? String ?? "").contains("guest agent ping"), "\(result)")
+        try s.expectTornDown(wd)
     }
 
     @Test("--accel auto: kvm when usable, and a failing kvm boot is retried with tcg", .timeLimit(.minutes(3)))
