@@ -211,6 +211,23 @@ extension FileSystem {
         return out
     }
 
+    /// Reads the first `size` bytes of `node` piece by piece through `buffer` and hands each
+    /// piece and its file offset to `body`; stops early at the file's real end. Returns the
+    /// bytes read. (What cat, restore-files and diff --content do with a file's content.)
+    @discardableResult
+    package func forEachPiece(of node: UInt64, size: UInt64, buffer: UnsafeMutableRawBufferPointer,
+                              _ body: (UnsafeRawBufferPointer, UInt64) throws -> Void) throws -> UInt64 {
+        var offset: UInt64 = 0
+        while offset < size {
+            let want = Int(min(UInt64(buffer.count), size - offset))
+            let n = try read(node, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<want]), at: offset)
+            if n == 0 { break }
+            try body(UnsafeRawBufferPointer(rebasing: buffer[0..<n]), offset)
+            offset += UInt64(n)
+        }
+        return offset
+    }
+
     /// Most symlinks followed while resolving one path (as Linux's MAXSYMLINKS).
     package static var maxSymlinkHops: Int { 40 }
 

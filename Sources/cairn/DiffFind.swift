@@ -115,19 +115,28 @@ struct Diff: ParsableCommand {
         return nil
     }
 
+    /// Same content: `x` read piece by piece, each piece compared with `y` at the same offset
+    /// (the sizes are already equal when this is asked).
     private func sameBytes(_ x: Node, _ y: Node) throws -> Bool {
-        let n = 1 << 20
-        var bx = [UInt8](repeating: 0, count: n), by = [UInt8](repeating: 0, count: n)
-        var offset: UInt64 = 0
-        while offset < x.meta.size {
-            let want = Int(min(UInt64(n), x.meta.size - offset))
-            let rx = try bx.withUnsafeMutableBytes { try x.fs.read(x.node, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<want]), at: offset) }
-            let ry = try by.withUnsafeMutableBytes { try y.fs.read(y.node, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<want]), at: offset) }
-            if rx != ry || bx[0..<rx] != by[0..<ry] { return false }
-            if rx == 0 { break }
-            offset += UInt64(rx)
+        let bx = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 64)
+        let by = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 64)
+        defer { bx.deallocate(); by.deallocate() }
+        struct Differs: Error {}
+        do {
+            let read = try x.fs.forEachPiece(of: x.node, size: x.meta.size, buffer: bx) { piece, offset in
+                let theirs = UnsafeMutableRawBufferPointer(rebasing: by[0..<piece.count])
+                let got = try y.fs.read(y.node, into: theirs, at: offset)
+                if got != piece.count || memcmp(piece.baseAddress!, theirs.baseAddress!, got) != 0 { throw Differs() }
+            }
+            // A file that ends early on one side only differs.
+            if read < x.meta.size {
+                let probe = UnsafeMutableRawBufferPointer(rebasing: by[0..<1])
+                return try y.fs.read(y.node, into: probe, at: read) == 0
+            }
+            return true
+        } catch is Differs {
+            return false
         }
-        return true
     }
 }
 

@@ -176,12 +176,8 @@ struct Cat: ParsableCommand {
         guard meta.kind == .regular else { throw CairnError(.usage, "\(path) is a \(meta.kind.rawValue), not a regular file") }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 64)
         defer { buffer.deallocate() }
-        var offset: UInt64 = 0
-        while offset < meta.size {
-            let n = try fs.read(node, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(min(UInt64(buffer.count), meta.size - offset))]), at: offset)
-            if n == 0 { break }
-            try writeAll(1, UnsafeRawBufferPointer(rebasing: buffer[0..<n]), what: "standard output")
-            offset += UInt64(n)
+        try fs.forEachPiece(of: node, size: meta.size, buffer: buffer) { piece, _ in
+            try writeAll(1, piece, what: "standard output")
         }
     }
 }

@@ -111,20 +111,17 @@ struct RestoreFiles: ParsableCommand {
                 let fd = open(item.target, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
                 guard fd >= 0 else { throw posixError("cannot create \(item.target)") }
                 defer { close(fd) }
-                var offset: UInt64 = 0
-                while offset < item.meta.size {
-                    let want = Int(min(UInt64(buffer.count), item.meta.size - offset))
-                    let n = try item.fs.read(item.node, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<want]), at: offset)
-                    if n == 0 { break }
+                try item.fs.forEachPiece(of: item.node, size: item.meta.size, buffer: buffer) { piece, offset in
                     // Only non-zero 4 KiB blocks are written: holes (and zeros) stay holes.
+                    let n = piece.count
                     var block = 0
                     while block < n {
                         var end = block
-                        while end < n && !isAllZero(UnsafeRawBufferPointer(rebasing: buffer[end..<min(end + 4096, n)])) { end = min(end + 4096, n) }
+                        while end < n && !isAllZero(UnsafeRawBufferPointer(rebasing: piece[end..<min(end + 4096, n)])) { end = min(end + 4096, n) }
                         if end > block {
                             var w = block
                             while w < end {
-                                let r = pwrite(fd, buffer.baseAddress! + w, end - w, off_t(offset) + off_t(w))
+                                let r = pwrite(fd, piece.baseAddress! + w, end - w, off_t(offset) + off_t(w))
                                 if r < 0 {
                                     if errno == EINTR { continue }
                                     throw posixError("cannot write \(item.target)")
@@ -136,7 +133,6 @@ struct RestoreFiles: ParsableCommand {
                             block = min(block + 4096, n)
                         }
                     }
-                    offset += UInt64(n)
                     done += UInt64(n)
                     if Date().timeIntervalSince(lastReport) > 0.25 {
                         lastReport = Date()
