@@ -427,32 +427,19 @@ public final class GuestAgentClient: @unchecked Sendable {
     }
 
     private static func connectSocket(path: String, deadline: MonotonicDeadline, limit: Double) throws -> Int32 {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
-        guard !path.isEmpty, path.utf8.count < capacity else {
-            throw CairnError(.usage, "the guest-agent socket path is empty or longer than \(capacity - 1) bytes", path: path)
-        }
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            raw.copyBytes(from: path.utf8)
-            raw[path.utf8.count] = 0
-        }
+        let address = try UnixSocketAddress(path: path, what: "guest-agent")
         let channelHint = "is the VM running with -chardev socket,path=\(path),server=on,wait=off,id=qga0 "
             + "-device virtio-serial-pci -device virtserialport,chardev=qga0,name=\(channelName)?"
         while true {
             let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
             guard fd >= 0 else { throw CairnError.errno("socket", errno, path: path) }
-            var rc = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-            var err = rc == 0 ? 0 : errno
-            if rc != 0 && err == EINPROGRESS {
+            var err = address.connect(fd)
+            if err == EINPROGRESS {
                 // Not done by unix sockets today; handled like TCP for safety.
                 if try wait(fd, for: Int16(POLLOUT), until: deadline, path: path) {
                     var soError: Int32 = 0
                     var len = socklen_t(MemoryLayout<Int32>.size)
-                    rc = getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &len)
-                    err = rc == 0 ? soError : errno
+                    err = getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &len) == 0 ? soError : errno
                 } else {
                     err = EAGAIN
                 }

@@ -57,23 +57,11 @@ enum NBDSocket {
     }
 
     private static func connectUnix(_ path: String, deadline: Double, name: String) throws -> Result<Int32, NBDSocketFailure> {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
-        guard path.utf8.count < capacity else {
-            throw CairnError(.usage, "the NBD socket path is longer than \(capacity - 1) bytes", path: path)
-        }
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            raw.copyBytes(from: path.utf8)
-            raw[path.utf8.count] = 0
-        }
+        let address = try UnixSocketAddress(path: path, what: "NBD")
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return .failure(.failed(call: "socket", errno: errno)) }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        if rc == 0 { return .success(fd) }
-        let err = errno
+        let err = address.connect(fd)
+        if err == 0 { return .success(fd) }
         _ = Glibc.close(fd)
         return .failure(.failed(call: "connect", errno: err))
     }
@@ -161,14 +149,18 @@ enum NBDSocket {
 
     /// Fills `buffer` exactly; `wait` blocks until the socket may be readable (or throws).
     static func receive(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, wait: () throws(NBDSocketFailure) -> Void) throws(NBDSocketFailure) {
-        guard let base = buffer.baseAddress else { return }
         var done = 0
         while done < buffer.count {
-            let n = recv(fd, base + done, buffer.count - done, Int32(MSG_DONTWAIT))
-            if n > 0 {
-                done += n
-                continue
-            }
+            done += try receiveSome(fd, into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), wait: wait)
+        }
+    }
+
+    /// Reads what is there, at least one byte (waiting with `wait` while nothing is); throws
+    /// `.closed` at end of stream. `buffer` must not be empty.
+    static func receiveSome(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, wait: () throws(NBDSocketFailure) -> Void) throws(NBDSocketFailure) -> Int {
+        while true {
+            let n = recv(fd, buffer.baseAddress, buffer.count, Int32(MSG_DONTWAIT))
+            if n > 0 { return n }
             if n == 0 { throw .closed }
             let err = errno
             if err == EINTR { continue }
@@ -232,21 +224,6 @@ struct NBDReceiver: ~Copyable {
     private mutating func refill() throws(NBDSocketFailure) {
         start = 0
         end = 0
-        guard let base = storage.baseAddress else { return }
-        while true {
-            let n = recv(fd, base, storage.count, Int32(MSG_DONTWAIT))
-            if n > 0 {
-                end = n
-                return
-            }
-            if n == 0 { throw .closed }
-            let err = errno
-            if err == EINTR { continue }
-            if err == EAGAIN || err == EWOULDBLOCK {
-                try wait()
-                continue
-            }
-            throw .failed(call: "recv", errno: err)
-        }
+        end = try NBDSocket.receiveSome(fd, into: storage, wait: wait)
     }
 }

@@ -208,29 +208,17 @@ public final class QMPClient: @unchecked Sendable {
     // MARK: - Socket
 
     private static func connectSocket(path: String, deadline: Date) throws -> Int32 {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
-        guard path.utf8.count < capacity else {
-            throw CairnError(.usage, "the QMP socket path is longer than \(capacity - 1) bytes", path: path)
-        }
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            raw.copyBytes(from: path.utf8)
-            raw[path.utf8.count] = 0
-        }
+        let address = try UnixSocketAddress(path: path, what: "QMP")
         while true {
             let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
             guard fd >= 0 else { throw CairnError.errno("socket", errno, path: path) }
-            let rc = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-            if rc == 0 {
+            let err = address.connect(fd)
+            if err == 0 {
                 // Writes never block forever (QEMU not reading): they time out instead.
                 var tv = timeval(tv_sec: 30, tv_usec: 0)
                 _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
                 return fd
             }
-            let err = errno
             _ = Glibc.close(fd)
             guard err == ENOENT || err == ECONNREFUSED || err == EAGAIN else {
                 throw CairnError.errno("connect to QMP socket", err, path: path)

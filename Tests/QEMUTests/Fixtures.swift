@@ -76,16 +76,8 @@ final class SilentQMPServer: @unchecked Sendable {
         self.path = path
         unlink(path)
         listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            raw.copyBytes(from: path.utf8)
-            raw[path.utf8.count] = 0
-        }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard rc == 0, listen(listener, 4) == 0 else { throw CairnError.errno("bind", errno, path: path) }
+        let bound = try UnixSocketAddress(path: path, what: "test QMP").bind(listener)
+        guard bound == 0, listen(listener, 4) == 0 else { throw CairnError.errno("bind", errno, path: path) }
         let fd = listener
         let done = self.done
         Thread {

@@ -171,18 +171,9 @@ final class FakeNBDServer: @unchecked Sendable {
         self.config = config
         self.respond = respond
         listener = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let path = socket
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            raw.copyBytes(from: path.utf8)
-            raw[path.utf8.count] = 0
-        }
         let fd = listener
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard rc == 0, listen(fd, 8) == 0 else { throw CairnError.errno("bind", errno, path: socket) }
+        let bound = try UnixSocketAddress(path: socket, what: "test NBD").bind(fd)
+        guard bound == 0, listen(fd, 8) == 0 else { throw CairnError.errno("bind", errno, path: socket) }
         Thread { [self] in
             while true {
                 let c = accept(fd, nil, nil)
