@@ -205,7 +205,7 @@ package final class BackupJob: @unchecked Sendable {
                 indexes.append(index)
                 let catalogIndex = try walked?.catalog.map { try storeBlob($0.encode(), known: known, counters: counters) }
                 catalogIndexes.append(catalogIndex)
-                manifestDisks.append(Manifest.Disk(
+                var recorded = Manifest.Disk(
                     name: disk.name, virtualSize: disk.source.size, sourceFormat: disk.format, sourcePath: disk.path, index: "",
                     chunks: index.entries.count,
                     bytesRead: disk.bytesRequested?() ?? (counters.read.load(ordering: .relaxed) - before.0),
@@ -214,19 +214,20 @@ package final class BackupJob: @unchecked Sendable {
                     bytesZero: counters.zero.load(ordering: .relaxed) - before.3,
                     bytesStored: counters.stored.load(ordering: .relaxed) - before.4,
                     skipFreeSpace: disk.skipFreeSpace, bytesFree: disk.skipFreeSpace ? freeBytes : nil,
-                    volumes: disk.skipFreeSpace || disk.catalog ? guest.volumes : nil))
-                manifestDisks[manifestDisks.count - 1].readMode = disk.readMode
-                manifestDisks[manifestDisks.count - 1].readNote = disk.readNote
-                manifestDisks[manifestDisks.count - 1].base = disk.readMode == "cbt" ? disk.baseSnapshot : nil
-                manifestDisks[manifestDisks.count - 1].cbtBitmap = disk.cbtBitmap
-                manifestDisks[manifestDisks.count - 1].cbtGeneration = disk.cbtGeneration
-                manifestDisks[manifestDisks.count - 1].cbtNode = disk.cbtNode
+                    volumes: disk.skipFreeSpace || disk.catalog ? guest.volumes : nil)
+                recorded.readMode = disk.readMode
+                recorded.readNote = disk.readNote
+                recorded.base = disk.readMode == "cbt" ? disk.baseSnapshot : nil
+                recorded.cbtBitmap = disk.cbtBitmap
+                recorded.cbtGeneration = disk.cbtGeneration
+                recorded.cbtNode = disk.cbtNode
+                manifestDisks.append(recorded)
             }
         }
         Trace.mark("backup: chunks stored")
         try cancel.check()
-        // Chunks are durable (fdatasync per put); make their names durable before any index
-        // refers to them.
+        // Every chunk, data and name, durable (the store's group commits drained, directories
+        // synced) before any index refers to it.
         try repository.store.barrier()
         let codec = repository.makeCodec()
         for (i, index) in indexes.enumerated() {
