@@ -147,7 +147,7 @@ package final class LiveBackupJob: @unchecked Sendable {
 
         var backupDisks: [BackupDisk] = []
         for (i, p) in plans.enumerated() {
-            var contexts = ["base:allocation"]
+            var contexts = [NBDAllocation.contextName]
             if let frozen = p.frozenBitmap { contexts.append(NBDDirtyBitmap.contextPrefix + frozen) }
             let client = try NBDClient.connect(.unix(session.socketPath), export: session.exportNames[i], metaContexts: contexts)
             clients.append(client)
@@ -155,9 +155,12 @@ package final class LiveBackupJob: @unchecked Sendable {
                 throw CairnError(.io, "the fleecing export of disk \(p.disk.name) has \(client.size) bytes, the disk \(p.disk.virtualSize)", path: request.qmp)
             }
             var changed: [Range<UInt64>]?
+            var dirtyBytes: UInt64?
             if let frozen = p.frozenBitmap {
-                changed = try client.dirtyRanges(context: NBDDirtyBitmap.contextPrefix + frozen)
-                let dirty = changed!.reduce(UInt64(0)) { $0 + ($1.upperBound - $1.lowerBound) }
+                let ranges = try client.dirtyRanges(context: NBDDirtyBitmap.contextPrefix + frozen)
+                let dirty = ranges.reduce(UInt64(0)) { $0 + ($1.upperBound - $1.lowerBound) }
+                changed = ranges
+                dirtyBytes = dirty
                 plans[i].note = (plans[i].note.map { $0 + "; " } ?? "") + "\(frozen) marks \(ByteCount.format(dirty)) changed"
             }
             var d = BackupDisk(name: p.disk.name, source: client, format: p.disk.driver, path: "qmp:\(p.disk.node)",
@@ -173,7 +176,7 @@ package final class LiveBackupJob: @unchecked Sendable {
             d.bytesRequested = { client.bytesRequested }
             backupDisks.append(d)
             outcomes.append(LiveDiskOutcome(name: p.disk.name, node: p.disk.node, mode: p.mode, note: plans[i].note,
-                                            dirtyBytes: changed.map { $0.reduce(0) { $0 + ($1.upperBound - $1.lowerBound) } }, bytesRequested: 0))
+                                            dirtyBytes: dirtyBytes, bytesRequested: 0))
         }
         Trace.mark("live: exports connected, dirty ranges read")
         let job = BackupJob(repository: repository, vm: request.vm, tags: request.tags, disks: backupDisks, progress: progress,
