@@ -172,8 +172,8 @@ package final class BackupJob: @unchecked Sendable {
                 // The guest's file systems: free blocks become zero extents, files a catalog.
                 // (Both off: the guest is not looked at, not even its partition table.)
                 let guest = disk.skipFreeSpace || disk.catalog
-                    ? GuestInspection.inspect(disk.source, diskName: disk.name, freeSpace: disk.skipFreeSpace, catalog: false)
-                    : GuestInspection(freeRanges: [], catalog: nil, volumes: [], warnings: [])
+                    ? GuestInspection.inspect(disk.source, diskName: disk.name, freeSpace: disk.skipFreeSpace)
+                    : GuestInspection(freeRanges: [], volumes: [], warnings: [])
                 warnings += guest.warnings
                 // The catalog walk reads only file system metadata, mostly waiting on the disk
                 // when the cache is cold: it runs beside the data pipeline, not before it.

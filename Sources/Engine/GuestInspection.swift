@@ -3,12 +3,12 @@ import GuestFS
 import RepositoryFormat
 
 /// What a backup learns from a disk's guest file systems before reading it: the ranges the
-/// guest marks free (treated as zero: never read, never stored), the file catalog, and a
-/// one-line summary per volume for the manifest. Nothing here can fail the backup: a file
+/// guest marks free (treated as zero: never read, never stored), the layout its file catalog
+/// is walked from (`walkCatalog`, beside the data pipeline), and a one-line summary per volume
+/// for the manifest. Nothing here can fail the backup: a file
 /// system Cairn cannot read is backed up block for block, with a warning.
 package struct GuestInspection: Sendable {
     package var freeRanges: [Range<UInt64>]
-    package var catalog: FileCatalog?
     package var volumes: [String]
     package var warnings: [String]
     /// The partition table and volumes found (nil when the guest was not looked at).
@@ -17,7 +17,7 @@ package struct GuestInspection: Sendable {
     /// At most this many files are catalogued per disk (the rest are left out with a warning).
     package static let maxCatalogEntries = 20_000_000
 
-    package static func inspect(_ disk: any BlockSource, diskName: String, freeSpace: Bool, catalog wantCatalog: Bool,
+    package static func inspect(_ disk: any BlockSource, diskName: String, freeSpace: Bool,
                                 readers: [FileSystemReader] = FileSystemReader.all) -> GuestInspection {
         let layout = DiskLayout.scan(disk, readers: readers)
         var warnings = layout.warnings.map { "disk \(diskName): \($0)" }
@@ -34,13 +34,7 @@ package struct GuestInspection: Sendable {
             free = layout.freeDiskRanges(warnings: &w)
             warnings += w.map { "disk \(diskName): \($0)" }
         }
-        var catalog: FileCatalog?
-        if wantCatalog {
-            let walked = walkCatalog(layout, diskName: diskName)
-            catalog = walked.catalog
-            warnings += walked.warnings
-        }
-        return GuestInspection(freeRanges: free, catalog: catalog, volumes: summary, warnings: warnings, layout: layout)
+        return GuestInspection(freeRanges: free, volumes: summary, warnings: warnings, layout: layout)
     }
 
     /// The file catalog of every file system in `layout` (nil when there is none). It reads
