@@ -146,18 +146,11 @@ package final class Repository: Sendable {
 
 /// Small helpers for times written into repository files (`hostName()` is in Storage).
 package func timestamp(_ date: Date = Date()) -> String {
-    let f = ISO8601DateFormatter()
-    f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-    f.timeZone = TimeZone(identifier: "UTC")
-    return f.string(from: date)
+    Timestamp.format(secondsSince1970: date.timeIntervalSince1970)
 }
 
 package func parseTimestamp(_ s: String) -> Date? {
-    let f = ISO8601DateFormatter()
-    f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-    if let d = f.date(from: s) { return d }
-    f.formatOptions = [.withInternetDateTime]
-    return f.date(from: s)
+    Timestamp.parse(s).map { Date(timeIntervalSince1970: $0) }
 }
 
 /// SHA-256 for key-file names (not secret).

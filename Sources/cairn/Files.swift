@@ -42,13 +42,9 @@ func modeString(_ kind: Character, _ p: UInt32) -> String {
     return s
 }
 
-/// `2026-11-25 10:00:00` (UTC) from seconds since the epoch.
+/// `2026-11-25 10:00:00` (UTC) from seconds since the epoch (no ICU formatter per file listed).
 func timeString(_ seconds: Int64) -> String {
-    let f = DateFormatter()
-    f.locale = Locale(identifier: "en_US_POSIX")
-    f.timeZone = TimeZone(identifier: "UTC")
-    f.dateFormat = "yyyy-MM-dd HH:mm:ss"
-    return f.string(from: Date(timeIntervalSince1970: TimeInterval(seconds)))
+    String(Timestamp.format(secondsSince1970: Double(seconds)).prefix(19)).replacingOccurrences(of: "T", with: " ")
 }
 
 struct Ls: ParsableCommand {
