@@ -16,7 +16,11 @@ public enum Trace {
 
     public static func mark(_ what: @autoclosure () -> String) {
         guard enabled else { return }
-        let line = "[trace +\(Int((now() - start) * 1000)) ms] \(what())\n"
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        let cpu = Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) * 1000
+            + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1000
+        let line = "[trace +\(Int((now() - start) * 1000)) ms, cpu \(Int(cpu)) ms] \(what())\n"
         var bytes = Array(line.utf8)
         _ = bytes.withUnsafeMutableBytes { write(2, $0.baseAddress, $0.count) }
     }
