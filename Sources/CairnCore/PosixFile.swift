@@ -154,9 +154,11 @@ public func fileSystemType(of path: String) -> UInt32? {
     return t < 0 ? nil : UInt32(truncatingIfNeeded: t)
 }
 
-/// Tunes glibc malloc for chunk-sized buffers (call once at startup of a tool).
+/// Tunes glibc malloc for chunk-sized buffers (call once at startup of a tool), and asks for
+/// huge pages under the first 48 MiB of heap (the key derivation's table lands there).
 public func tuneMallocForLargeBuffers() {
     cairn_malloc_tune()
+    cairn_heap_prefer_hugepages(48 << 20)
 }
 
 /// A file whose `sync` does nothing: image writers keep their write order, but nothing is

@@ -9,5 +9,6 @@ int cairn_seek_hole_whence(void);
 int cairn_syncfs(int fd);
 int cairn_start_writeback(int fd, int64_t offset, int64_t length);
 void cairn_malloc_tune(void);
+void cairn_heap_prefer_hugepages(size_t bytes);
 /* statfs(2)'s f_type of the file system holding path; -1 (errno set) on failure. */
 int64_t cairn_fs_type(const char *path);
