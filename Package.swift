@@ -81,7 +81,11 @@ let package = Package(
                 "Engine", "CairnCore", "DiskFormats", "GuestFS", "NBDServer", "QEMU", "Repository", "RepositoryFormat", "Storage",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            swiftSettings: strict
+            swiftSettings: strict,
+            // lld with packed relative relocations (DT_RELR, glibc >= 2.36): the loader of a cold
+            // static-stdlib binary read 2.3 MB of relocation records before main (100k entries);
+            // packed, 19 KB. Measured 23 -> 14 page faults and about 10 ms off every command.
+            linkerSettings: [.unsafeFlags(["-use-ld=lld", "-Xlinker", "-z", "-Xlinker", "pack-relative-relocs"], .when(platforms: [.linux]))]
         ),
 
         // Test support: fixtures built with real tools, process helpers.
