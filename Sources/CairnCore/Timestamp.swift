@@ -6,12 +6,12 @@
 /// a cold `cairn restore`, spent only to stamp the lock file.
 public enum Timestamp {
     /// `seconds` since 1970-01-01T00:00:00Z as `YYYY-MM-DDTHH:MM:SS.mmmZ`: milliseconds truncated
-    /// toward the past after rounding to 10 microseconds; years 0000-9999 (clamped to that range).
+    /// toward the past after rounding to 10 microseconds; years 0000-9999 (clamped to that range; NaN is the epoch).
     public static func format(secondsSince1970 seconds: Double) -> String {
         let lowest = -62_167_219_200_000.0, highest = 253_402_300_799_999.0   // 0000-01-01, 9999-12-31
         // Rounded to 10 microseconds first: 1.775 is 1.77499999... as a Double, and is .775.
-        let tens = (seconds * 100_000).rounded()
-        let ms = Int64(min(max((tens / 100).rounded(.down), lowest), highest))
+        let tens = seconds.isNaN ? 0 : (seconds * 100_000).rounded()
+        let ms = Int(min(max((tens / 100).rounded(.down), lowest), highest))
         let (days, msOfDay) = floorDivide(ms, 86_400_000)
         let (y, m, d) = civil(fromDays: days)
         let h = msOfDay / 3_600_000, mi = msOfDay / 60_000 % 60, s = msOfDay / 1000 % 60, f = msOfDay % 1000
@@ -23,12 +23,12 @@ public enum Timestamp {
     public static func parse(_ text: String) -> Double? {
         let b = Array(text.utf8)
         var i = 0
-        func number(_ width: Int) -> Int64? {
+        func number(_ width: Int) -> Int? {
             guard i + width <= b.count else { return nil }
-            var v: Int64 = 0
+            var v: Int = 0
             for k in i..<i + width {
                 guard b[k] >= 0x30, b[k] <= 0x39 else { return nil }
-                v = v * 10 + Int64(b[k] - 0x30)
+                v = v * 10 + Int(b[k] - 0x30)
             }
             i += width
             return v
@@ -54,11 +54,11 @@ public enum Timestamp {
             }
             guard i > start else { return nil }
         }
-        var offset: Int64 = 0
+        var offset: Int = 0
         if expect(0x5A) {
             offset = 0
         } else if i < b.count, b[i] == 0x2B || b[i] == 0x2D {
-            let sign: Int64 = b[i] == 0x2D ? -1 : 1
+            let sign: Int = b[i] == 0x2D ? -1 : 1
             i += 1
             guard let oh = number(2), expect(0x3A), let om = number(2), oh <= 23, om <= 59 else { return nil }
             offset = sign * (oh * 3600 + om * 60)
@@ -72,7 +72,8 @@ public enum Timestamp {
 
     // MARK: calendar arithmetic (days since 1970-01-01; eras of 400 years = 146097 days)
 
-    static func days(fromCivil year: Int64, _ month: Int64, _ day: Int64) -> Int64 {
+    /// Howard Hinnant's `days_from_civil`: (year, month, day) -> days since 1970-01-01.
+    public static func days(fromCivil year: Int, _ month: Int, _ day: Int) -> Int {
         let y = month <= 2 ? year - 1 : year
         let era = floorDivide(y, 400).0
         let yoe = y - era * 400
@@ -82,7 +83,8 @@ public enum Timestamp {
         return era * 146_097 + doe - 719_468
     }
 
-    static func civil(fromDays z: Int64) -> (Int64, Int64, Int64) {
+    /// Howard Hinnant's `civil_from_days`: days since 1970-01-01 -> (year, month, day).
+    public static func civil(fromDays z: Int) -> (year: Int, month: Int, day: Int) {
         let shifted = z + 719_468
         let era = floorDivide(shifted, 146_097).0
         let doe = shifted - era * 146_097
@@ -94,7 +96,7 @@ public enum Timestamp {
         return (yoe + era * 400 + (month <= 2 ? 1 : 0), month, day)
     }
 
-    static func daysInMonth(year: Int64, month: Int64) -> Int64 {
+    static func daysInMonth(year: Int, month: Int) -> Int {
         switch month {
         case 2: return (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 ? 29 : 28
         case 4, 6, 9, 11: return 30
@@ -102,12 +104,12 @@ public enum Timestamp {
         }
     }
 
-    private static func floorDivide(_ a: Int64, _ b: Int64) -> (Int64, Int64) {
+    private static func floorDivide(_ a: Int, _ b: Int) -> (Int, Int) {
         let q = a / b, r = a % b
         return r < 0 ? (q - 1, r + b) : (q, r)
     }
 
-    private static func pad(_ v: Int64, _ width: Int) -> String {
+    private static func pad(_ v: Int, _ width: Int) -> String {
         let s = String(v)
         return s.count >= width ? s : String(repeating: "0", count: width - s.count) + s
     }

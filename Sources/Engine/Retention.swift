@@ -266,41 +266,17 @@ private struct UTCTime {
 
     var hour: Int { hourNumber - dayNumber * 24 }
 
-    var civil: (year: Int, month: Int, day: Int) { Self.civil(fromDays: dayNumber) }
+    var civil: (year: Int, month: Int, day: Int) { Timestamp.civil(fromDays: dayNumber) }
 
     /// ISO 8601 week: weeks start on Monday; week 1 is the week holding the year's first
     /// Thursday, so the week-year is the year of the week's Thursday.
     var isoWeek: (year: Int, week: Int) {
         let weekday = Self.floorMod(dayNumber + 3, 7)   // Monday = 0; 1970-01-01 was a Thursday
         let thursday = dayNumber - weekday + 3
-        let year = Self.civil(fromDays: thursday).year
-        let week = (thursday - Self.days(fromCivil: year, 1, 1)) / 7 + 1
+        let year = Timestamp.civil(fromDays: thursday).year
+        let week = (thursday - Timestamp.days(fromCivil: year, 1, 1)) / 7 + 1
         return (year, week)
     }
 
     private static func floorMod(_ a: Int, _ n: Int) -> Int { ((a % n) + n) % n }
-
-    /// Howard Hinnant's `civil_from_days`: days since 1970-01-01 → (year, month, day).
-    static func civil(fromDays days: Int) -> (year: Int, month: Int, day: Int) {
-        let z = days + 719_468
-        let era = (z >= 0 ? z : z - 146_096) / 146_097
-        let doe = z - era * 146_097
-        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
-        let mp = (5 * doy + 2) / 153
-        let day = doy - (153 * mp + 2) / 5 + 1
-        let month = mp < 10 ? mp + 3 : mp - 9
-        let year = yoe + era * 400 + (month <= 2 ? 1 : 0)
-        return (year, month, day)
-    }
-
-    /// Howard Hinnant's `days_from_civil`: (year, month, day) → days since 1970-01-01.
-    static func days(fromCivil year: Int, _ month: Int, _ day: Int) -> Int {
-        let y = month <= 2 ? year - 1 : year
-        let era = (y >= 0 ? y : y - 399) / 400
-        let yoe = y - era * 400
-        let doy = (153 * (month > 2 ? month - 3 : month + 9) + 2) / 5 + day - 1
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
-        return era * 146_097 + doe - 719_468
-    }
 }

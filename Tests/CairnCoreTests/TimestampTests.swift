@@ -29,6 +29,13 @@ import Testing
         }
     }
 
+    @Test func outOfRangeTimesAreClampedNotTrapped() {
+        #expect(Timestamp.format(secondsSince1970: .nan) == "1970-01-01T00:00:00.000Z")
+        #expect(Timestamp.format(secondsSince1970: .infinity) == "9999-12-31T23:59:59.999Z")
+        #expect(Timestamp.format(secondsSince1970: -.infinity) == "0000-01-01T00:00:00.000Z")
+        #expect(Timestamp.format(secondsSince1970: 1e300) == "9999-12-31T23:59:59.999Z")
+    }
+
     @Test func parsesWhatFoundationWroteAndOffsets() throws {
         let withoutFraction = referee(fraction: false)
         for s in ["2026-11-26T05:12:09Z", "2024-02-29T23:59:59Z", "1970-01-01T00:00:00Z", "2000-03-01T00:00:00Z"] {
