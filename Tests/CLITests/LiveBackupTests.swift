@@ -10,26 +10,20 @@ import Glibc
 /// A qemu-storage-daemon holding one disk as node `disk0`, with an NBD server on `nbd.sock`
 /// and a writable export `w` of the disk (the "guest": writes at known offsets go through it).
 final class StorageDaemon: @unchecked Sendable {
-    let process: Process
+    let daemon: BackgroundTool
     let qmpPath: String
     let nbdPath: String
 
     init(_ env: CLIEnv, disk: String, format: String, tag: String = "qsd") throws {
         qmpPath = env.file("\(tag)-qmp.sock")
         nbdPath = env.file("\(tag)-nbd.sock")
-        process = Process()
-        process.executableURL = URL(fileURLWithPath: try Tool.which("qemu-storage-daemon"))
-        process.arguments = [
+        daemon = try BackgroundTool("qemu-storage-daemon", [
             "--blockdev", "driver=file,filename=\(disk),node-name=file0",
             "--blockdev", "driver=\(format),file=file0,node-name=disk0",
             "--nbd-server", "addr.type=unix,addr.path=\(nbdPath)",
             "--export", "type=nbd,id=w,node-name=disk0,name=w,writable=on",
             "--chardev", "socket,path=\(qmpPath),server=on,wait=off,id=m", "--monitor", "chardev=m",
-        ]
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
+        ], in: env.dir, stderrName: "\(tag).err")
         let deadline = Date().addingTimeInterval(20)
         while !FileManager.default.fileExists(atPath: nbdPath) && Date() < deadline { usleep(20_000) }
     }
@@ -46,17 +40,11 @@ final class StorageDaemon: @unchecked Sendable {
     /// Stops cleanly (persistent bitmaps are saved on a clean exit only).
     func quit() {
         if let q = try? qmp() { _ = try? q.execute("quit"); q.close() }
-        let deadline = Date().addingTimeInterval(10)
-        while process.isRunning && Date() < deadline { usleep(20_000) }
+        daemon.waitForExit(timeout: 10)
         stop()
     }
 
-    func stop() {
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
-    }
-
-    deinit { stop() }
+    func stop() { daemon.stop() }
 }
 
 /// `cairn backup --qmp` against qemu-storage-daemon: fleecing, dirty-bitmap CBT, fallbacks,
@@ -287,7 +275,7 @@ final class StorageDaemon: @unchecked Sendable {
         _ = run.wait()
 
         // The storage daemon still runs, with the dead run's node and export in it.
-        #expect(qsd.process.isRunning)
+        #expect(qsd.daemon.isRunning)
         let q = try qsd.qmp()
         let nodes = try #require(try q.execute("query-named-block-nodes", arguments: ["flat": true]) as? [[String: Any]]).compactMap { $0["node-name"] as? String }
         q.close()

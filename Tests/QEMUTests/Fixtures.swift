@@ -11,9 +11,8 @@ import Glibc
 /// not used: a child of the test runner may inherit it ignored).
 final class QEMUProcess: @unchecked Sendable {
     // @unchecked: used from the test's thread only.
-    let process: Process
+    let tool: BackgroundTool
     let qmp: String
-    let stderrPath: String
 
     /// qemu-storage-daemon with its monitor on `dir/qmp.sock` and `arguments` after it.
     static func storageDaemon(_ dir: TempDir, _ arguments: [String]) throws -> QEMUProcess {
@@ -30,39 +29,22 @@ final class QEMUProcess: @unchecked Sendable {
                                 "-qmp", "unix:\(qmp),server=on,wait=off"], qmp: qmp)
     }
 
-    private init(_ dir: TempDir, _ tool: String, _ arguments: [String], qmp: String) throws {
+    private init(_ dir: TempDir, _ name: String, _ arguments: [String], qmp: String) throws {
         self.qmp = qmp
-        stderrPath = dir.file("\(tool)-\(UUID().uuidString.prefix(6)).err")
-        _ = FileManager.default.createFile(atPath: stderrPath, contents: nil)
-        process = Process()
-        process.executableURL = URL(fileURLWithPath: try Tool.which(tool))
-        process.arguments = arguments
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle(forWritingAtPath: stderrPath)
-        try process.run()
+        tool = try BackgroundTool(name, arguments, in: dir)
     }
 
     func connect(commandTimeout: Double = 30) throws -> QMPClient {
         try QMPClient.connect(path: qmp, timeout: 20, commandTimeout: commandTimeout)
     }
 
-    var stderr: String { (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? "" }
+    var stderr: String { tool.stderr }
 
     /// Waits up to `timeout` seconds for the process to exit by itself.
     @discardableResult
-    func waitForExit(timeout: Double) -> Bool {
-        let deadline = Date().addingTimeInterval(timeout)
-        while process.isRunning && Date() < deadline { usleep(20_000) }
-        return !process.isRunning
-    }
+    func waitForExit(timeout: Double) -> Bool { tool.waitForExit(timeout: timeout) }
 
-    func stop() {
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
-    }
-
-    deinit { stop() }
+    func stop() { tool.stop() }
 }
 
 /// A QMP "server" that greets, accepts qmp_capabilities and then never answers: for the

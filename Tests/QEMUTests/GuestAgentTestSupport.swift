@@ -40,8 +40,7 @@ final class AgentVM: @unchecked Sendable {
     let dir: TempDir
     let agentSocket: String
     let serialLog: String
-    private let process: Process
-    private let stderrPath: String
+    private let qemu: BackgroundTool
     private(set) var started = 0.0
 
     init(_ name: String) throws {
@@ -51,22 +50,14 @@ final class AgentVM: @unchecked Sendable {
         try Tool.run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", image, "-F", "raw", overlay])
         agentSocket = dir.file("qga.sock")
         serialLog = dir.file("serial.log")
-        stderrPath = dir.file("qemu.err")
-        _ = FileManager.default.createFile(atPath: stderrPath, contents: nil)
-        process = Process()
-        process.executableURL = URL(fileURLWithPath: try Tool.which("qemu-system-x86_64"))
-        process.arguments = [
+        qemu = try BackgroundTool("qemu-system-x86_64", [
             "-accel", "tcg", "-machine", "q35", "-m", "256", "-nodefaults", "-display", "none", "-no-reboot", "-nic", "none",
             "-serial", "file:\(serialLog)",
             "-drive", "file=\(overlay),format=qcow2,if=virtio",
             "-chardev", "socket,path=\(agentSocket),server=on,wait=off,id=qga0",
             "-device", "virtio-serial-pci",
             "-device", "virtserialport,chardev=qga0,name=\(GuestAgentClient.channelName)",
-        ]
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle(forWritingAtPath: stderrPath)
-        try process.run()
+        ], in: dir, stderrName: "qemu.err")
         started = MonotonicDeadline.now()
     }
 
@@ -87,8 +78,8 @@ final class AgentVM: @unchecked Sendable {
         while true {
             let log = serial
             if log.contains(marker) { return MonotonicDeadline.now() - started }
-            if log.contains("CAIRN-AGENT-FAILED") || !process.isRunning || deadline.expired {
-                let err = (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? ""
+            if log.contains("CAIRN-AGENT-FAILED") || !qemu.isRunning || deadline.expired {
+                let err = qemu.stderr
                 throw CairnError(.io, "the agent VM did not print \(marker) within \(timeout) s; serial: \(log.suffix(600)); qemu: \(err)")
             }
             usleep(50_000)
@@ -101,12 +92,7 @@ final class AgentVM: @unchecked Sendable {
         return try GuestAgentClient.connect(path: agentSocket)
     }
 
-    func stop() {
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
-    }
-
-    deinit { stop() }
+    func stop() { qemu.stop() }
 }
 
 /// A scripted stand-in for qemu-ga on a unix socket: serves one connection at a time (like

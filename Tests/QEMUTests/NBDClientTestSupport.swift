@@ -18,21 +18,13 @@ let mib = 1 << 20
 
 /// A server process (qemu-nbd, nbdkit) on a unix socket, killed with SIGKILL by `stop()`.
 final class ServerProcess: @unchecked Sendable {
-    // @unchecked: used from the test's thread (and `kill` from one helper thread).
-    let process = Process()
+    // @unchecked: used from the test's thread (and `stop` from one helper thread).
+    let tool: BackgroundTool
     let socket: String
-    let stderrPath: String
 
-    init(_ dir: TempDir, _ tool: String, _ arguments: [String], socket: String) throws {
+    init(_ dir: TempDir, _ name: String, _ arguments: [String], socket: String) throws {
         self.socket = socket
-        stderrPath = dir.file("\(tool)-\(UUID().uuidString.prefix(6)).err")
-        _ = FileManager.default.createFile(atPath: stderrPath, contents: nil)
-        process.executableURL = URL(fileURLWithPath: try Tool.which(tool))
-        process.arguments = arguments
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle(forWritingAtPath: stderrPath)
-        try process.run()
+        tool = try BackgroundTool(name, arguments, in: dir)
     }
 
     /// nbdkit in the foreground on `dir/nbdkit.sock`, exiting with the test process.
@@ -48,14 +40,9 @@ final class ServerProcess: @unchecked Sendable {
     }
 
     var endpoint: NBDEndpoint { .unix(socket) }
-    var stderr: String { (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? "" }
+    var stderr: String { tool.stderr }
 
-    func stop() {
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
-    }
-
-    deinit { stop() }
+    func stop() { tool.stop() }
 }
 
 /// Byte-wise equality without a per-element loop (debug builds compare arrays slowly).
