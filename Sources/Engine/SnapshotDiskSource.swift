@@ -152,14 +152,17 @@ package final class SnapshotDiskSource: BlockSource, @unchecked Sendable {
     /// Reads, authenticates, decompresses and digest-checks chunk `i` (no lock held).
     private func fetch(_ i: Int) throws -> [UInt8] {
         let len = index.length(ofChunk: i)
-        var bytes = [UInt8](repeating: 0, count: len)
         let kit = kits.withLock { $0.popLast() } ?? FetchKit(codec: repository.makeCodec(), chunkSize: index.chunkSize)
         defer { kits.withLock { $0.append(kit) } }
         let id = index.entries[i]
-        let n: Int
+        var n = 0
+        let bytes: [UInt8]
         do {
-            n = try bytes.withUnsafeMutableBytes { out in
-                try repository.loadChunk(id, codec: kit.codec, scratch: &kit.scratch, into: out)
+            // Not zero-filled first: the chunk overwrites all of it (and a short one is refused).
+            bytes = try [UInt8](unsafeUninitializedCapacity: len) { out, count in
+                let exact = UnsafeMutableRawBufferPointer(UnsafeMutableBufferPointer(rebasing: out[0..<len]))
+                n = try repository.loadChunk(id, codec: kit.codec, scratch: &kit.scratch, into: exact)
+                count = n
             }
         } catch var e as CairnError {
             e.message = "reading \(name) at offset \(UInt64(i) * UInt64(index.chunkSize)): " + e.message
