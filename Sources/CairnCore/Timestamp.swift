@@ -6,7 +6,8 @@
 /// a cold `cairn restore`, spent only to stamp the lock file.
 public enum Timestamp {
     /// `seconds` since 1970-01-01T00:00:00Z as `YYYY-MM-DDTHH:MM:SS.mmmZ`: milliseconds truncated
-    /// toward the past after rounding to 10 microseconds; years 0000-9999 (clamped to that range; NaN is the epoch).
+    /// toward the past after rounding to 10 microseconds; years 0000-9999 (clamped to that
+    /// range; NaN is the epoch).
     public static func format(secondsSince1970 seconds: Double) -> String {
         let lowest = -62_167_219_200_000.0, highest = 253_402_300_799_999.0   // 0000-01-01, 9999-12-31
         // Rounded to 10 microseconds first: 1.775 is 1.77499999... as a Double, and is .775.
@@ -54,16 +55,13 @@ public enum Timestamp {
             }
             guard i > start else { return nil }
         }
-        var offset: Int = 0
-        if expect(0x5A) {
-            offset = 0
-        } else if i < b.count, b[i] == 0x2B || b[i] == 0x2D {
+        var offset = 0
+        if !expect(0x5A) {
+            guard i < b.count, b[i] == 0x2B || b[i] == 0x2D else { return nil }
             let sign: Int = b[i] == 0x2D ? -1 : 1
             i += 1
             guard let oh = number(2), expect(0x3A), let om = number(2), oh <= 23, om <= 59 else { return nil }
             offset = sign * (oh * 3600 + om * 60)
-        } else {
-            return nil
         }
         guard i == b.count else { return nil }
         let secs = days(fromCivil: y, m, d) * 86_400 + h * 3600 + mi * 60 + s - offset

@@ -9,7 +9,7 @@ import Glibc
 /// released: SIGTERM is not used, a child of the test runner may inherit it ignored.
 public final class BackgroundTool: @unchecked Sendable {
     // @unchecked: used from the test's thread (and `stop` from one helper thread).
-    public let process = Process()
+    private let process = Process()
     public let stderrPath: String
 
     public init(_ tool: String, _ arguments: [String], in dir: TempDir, stderrName: String? = nil) throws {

@@ -220,8 +220,9 @@ struct InstantRestore: ParsableCommand {
             args += ["-blockdev", "driver=nbd,node-name=disk\(i),server.type=unix,server.path=\(socket),export=\(d.name)",
                      "-device", "virtio-blk-pci,drive=disk\(i)" + (i == 0 ? ",bootindex=0" : "")]
         }
-        printError("cairn: booting snapshot \(snap.id.short) (\(snap.manifest.vm), \(snap.manifest.time)) with \(accelerator)"
-                   + (shape.isEmpty ? "" : "; recorded VM: \(shape.summary)" + (memory != nil && shape.memoryMiB != nil ? " (--memory \(memory!) MiB used)" : "")))
+        var recorded = shape.isEmpty ? "" : "; recorded VM: \(shape.summary)"
+        if let memory, shape.memoryMiB != nil { recorded += " (--memory \(memory) MiB used)" }
+        printError("cairn: booting snapshot \(snap.id.short) (\(snap.manifest.vm), \(snap.manifest.time)) with \(accelerator)" + recorded)
         printError("cairn: disks served from \(socket); QMP at \(qmp)" + (console ? "" : "; serial console in \(serialLog)"))
         for d in set.descriptions { printError("cairn: disk \(d.disk): writes go to \(d.overlay ?? "?")") }
         let p = Process()
